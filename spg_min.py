@@ -1,0 +1,669 @@
+"""spg-min: Sandwiched Policy Gradient (SPG, arXiv 2510.09541) for masked diffusion LMs, in one file.
+
+The objective (Eq. 5 / Alg. 1). For a prompt c, sample a group of g completions x_1..x_g from the model,
+score each with rewards r_j and take advantages A_j = r_j - mean(r) (Eq. 4; no std normalisation). The
+sequence log-likelihood log pi(x|c) of a diffusion LM is intractable, so SPG sandwiches it:
+
+    J_SPG = E[ 1/g sum_j  1[A_j > 0] A_j L_ELBO(x_j|c)  +  1[A_j <= 0] A_j L_neg(x_j|c) ]
+
+with L_ELBO the evidence lower bound (Eq. 2), and for negative advantages L_neg the Renyi upper bound
+L~_EUBO (Corollary 1) or the mixture w L~_EUBO + (1-w) L_ELBO (Eq. 8). Maximising a lower bound pushes
+log pi up; minimising an upper bound pushes it down. Both bounds are Monte Carlo estimates over m masked
+copies of each sequence, masked block by block as the model decodes (block-wise masking, Sec. 3.3).
+There is no importance ratio, no clipping and no KL; each rollout batch feeds mu optimizer steps, each with
+freshly drawn masks.
+
+Shapes (one alphabet throughout): B sequences in a batch (= prompts x g), g group size, P prompt length,
+Lg generation length, L = P + Lg, V vocabulary, m Monte Carlo masked samples, bl block length, K = Lg / bl
+blocks, d hidden size.
+
+Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; see README "Deviations"):
+  1. fresh masks for every inner update, drawn from explicit generators (reference: one of 4096 seeds,
+     picked by `_step % mu`, and every global RNG reseeded inside the loss);
+  2. the EUBO is computed in log space (logsumexp over samples), so p**beta never underflows to 0
+     and silently drops tokens (field case B09);
+  3. log-probabilities in float32 from float32 logits, computed in chunks; rollouts under no_grad in eval
+     mode (no LoRA dropout while sampling);
+  4. the attention mask is honoured (left padding is invisible to the model), and sampling at T > 0 draws
+     exactly from softmax(logits / T) (reference: bf16 Gumbel noise);
+  5. block choice uniform over the blocks holding completion tokens (reference: randperm(K) % n_blocks);
+  6. groups with identical rewards have advantage exactly 0 and are skipped in the loss pass (same
+     gradient, less compute).
+
+Run:  python spg_min.py --task sudoku --model tiny        # CPU, small model, minutes
+      python spg_min.py --task gsm8k                      # one GPU: LLaDA-8B-Instruct, 4-bit NF4 + LoRA
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ADAM_BETAS = (0.9, 0.99)      # train.yaml:23-25 of the reference
+WARM_START_LR = 1e-3         # supervised warm start of the tiny model (AdamW, batch 64)
+LOGP_CHUNK_ROWS = 2048        # rows of [rows, V] float32 logits alive at once in the loss pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration: paper defaults, with small named overrides per task and for the tiny CPU model.
+
+@dataclass
+class Config:
+    # run
+    task: str = "gsm8k"                 # gsm8k | math | countdown | sudoku
+    model: str = "GSAI-ML/LLaDA-8B-Instruct"   # hub id, local LLaDA dir, or "tiny" (CPU model)
+    out: str = "runs/spg"               # output directory (metrics.jsonl, summary.json, checkpoints)
+    data_dir: str | None = None         # local data laid out like ../shared/data (no network)
+    eval_file: str | None = None        # optional evaluation file (e.g. the published Sudoku CSV)
+    seed: int = 42                      # all randomness derives from (seed, step)
+    max_steps: int = 6000               # optimizer steps (paper App. G.2: 6000/4000/6000/2500)
+    # rollouts
+    num_prompts: int = 2                # prompts per rollout batch (paper: 16 over 8 GPUs)
+    group_size: int = 6                 # g completions per prompt (Eq. 4)
+    gen_length: int = 256               # Lg
+    block_length: int = 32              # bl, for decoding and for block-wise masking
+    steps: int = 128                    # decoding steps for Lg tokens (2 tokens per step)
+    temperature: float = 0.9            # rollout temperature (Sudoku 0.3)
+    max_prompt_length: int = 512        # longer prompts are refused at data loading
+    # SPG objective
+    estimator: str = "mix"              # bound for A <= 0: mix | eubo | elbo | zero
+    beta: float = 1.5                   # Renyi order of the EUBO (Sudoku 1.0)
+    omega: float = 0.5                  # mixture weight on the EUBO (Eq. 8)
+    num_mc: int = 2                     # m masked samples per sequence
+    p_mask_prompt: float = 0.15         # chance to mask each prompt / clean-block token
+    masking: str = "block"              # block (paper) | random (Table 4 ablation)
+    mu: int = 4                         # inner optimizer steps per rollout batch
+    micro_batch: int = 6                # sequences per forward/backward in the loss pass
+    # optimisation
+    lr: float = 3e-6
+    weight_decay: float = 0.1
+    grad_clip: float = 0.2
+    load_in_4bit: bool = True           # NF4 base + LoRA (ignored for the tiny model)
+    lora_rank: int = 128
+    lora_alpha: int = 64
+    # evaluation and bookkeeping
+    eval_every: int = 100               # greedy held-out evaluation every N steps (0: only before/after)
+    eval_n: int = 256                   # held-out problems per evaluation
+    eval_batch: int = 8
+    warm_start_steps: int = 0           # supervised masked-diffusion steps before RL (tiny model only)
+    save_every: int = 100               # checkpoint every N steps (and at the end)
+    cache_dir: str = ".cache"           # warm-start checkpoints are cached here
+
+
+TASK_DEFAULTS = {  # paper App. G.2 and spg_spec.md (e)
+    "gsm8k": dict(max_steps=6000),
+    "math": dict(max_steps=4000),
+    "countdown": dict(max_steps=6000),
+    "sudoku": dict(max_steps=2500, beta=1.0, temperature=0.3),
+}
+TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; see README "CPU quick start"
+    gen_length=24, block_length=8, steps=12, num_prompts=16, group_size=6, mu=2, micro_batch=96,
+    temperature=1.0, lr=1e-3, weight_decay=0.0, grad_clip=1.0, max_steps=120, eval_every=20,
+    eval_batch=256, warm_start_steps=150, max_prompt_length=64, save_every=50,
+)
+
+
+def validate(cfg: Config) -> None:
+    """Check every cross-field rule before any model or data is loaded; raise ValueError naming the fix."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    need(cfg.gen_length % cfg.block_length == 0,
+         f"gen_length={cfg.gen_length} must be a multiple of block_length={cfg.block_length}")
+    blocks = cfg.gen_length // cfg.block_length
+    need(cfg.steps % blocks == 0 and cfg.steps >= blocks,
+         f"steps={cfg.steps} must be a positive multiple of the number of blocks ({blocks})")
+    need(cfg.group_size >= 2, f"group_size={cfg.group_size}: at least 2 completions per prompt are needed")
+    need(cfg.estimator in NEG_BOUND, f"estimator={cfg.estimator!r}: choose from {sorted(NEG_BOUND)}")
+    need(cfg.masking in FORWARD_PROCESS, f"masking={cfg.masking!r}: choose from {sorted(FORWARD_PROCESS)}")
+    need(cfg.beta >= 1.0, f"beta={cfg.beta}: the Renyi bound needs beta >= 1 (Lemma 1)")
+    need(0.0 <= cfg.omega <= 1.0, f"omega={cfg.omega} must lie in [0, 1] (Eq. 8)")
+    need(0.0 <= cfg.p_mask_prompt < 1.0, f"p_mask_prompt={cfg.p_mask_prompt} must lie in [0, 1)")
+    need(cfg.num_mc >= 1 and cfg.mu >= 1 and cfg.micro_batch >= 1, "num_mc, mu and micro_batch must be >= 1")
+    need(cfg.temperature >= 0.0, f"temperature={cfg.temperature} must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's objects, in paper order. Pure functions: tensors in, tensors out.
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """A_j = r_j - mean of r over the completions of the same prompt (Eq. 4; no std division).
+
+    rewards [B] float, group_ids [B] long (equal ids = same prompt; any order). Returns [B] float32.
+    Computed in float64, and exactly 0 for every member of a group whose rewards are all equal, so
+    that the ELBO/EUBO choice (A > 0) never depends on rounding (field case B12).
+    """
+    r = rewards.double()
+    _, gid = torch.unique(group_ids, return_inverse=True)                           # [B] in 0..G-1
+    n_groups = int(gid.max()) + 1
+    total = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, gid, r)
+    count = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, gid, torch.ones_like(r))
+    hi = torch.full((n_groups,), -math.inf, dtype=r.dtype).scatter_reduce(0, gid, r, "amax")
+    lo = torch.full((n_groups,), math.inf, dtype=r.dtype).scatter_reduce(0, gid, r, "amin")
+    adv = r - (total / count)[gid]
+    adv = torch.where((hi == lo)[gid], torch.zeros_like(adv), adv)
+    return adv.float()
+
+
+def completion_mask(completion_ids: torch.Tensor, stop_ids) -> torch.Tensor:
+    """c [B, Lg] bool: True up to and including the first stop token (EOS or end of turn), by position.
+
+    Built from positions, not from token values, so pad == eos never drops the real EOS (B19).
+    """
+    is_stop = torch.isin(completion_ids, torch.as_tensor(list(stop_ids), device=completion_ids.device))
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()                        # [B, Lg]
+    return stops_before == 0
+
+
+def _random_subset(candidates: torch.Tensor, count: torch.Tensor, generator) -> torch.Tensor:
+    """Exactly count[...] positions chosen uniformly among candidates[..., L] (bool); count <= #candidates."""
+    scores = torch.rand(candidates.shape, generator=generator, device=candidates.device).masked_fill(~candidates, 2.0)
+    rank = scores.argsort(-1).argsort(-1)                                            # 0 = first chosen
+    return candidates & (rank < count.unsqueeze(-1))
+
+
+def block_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_length: int,
+                          p_mask_prompt: float, generator=None):
+    """Block-wise masking for the MC bound estimates (Sec. 3.3; reference `forward_type=block_random`).
+
+    c [B, Lg] bool completion mask. Per sequence and sample j: choose one of the blocks that hold
+    completion tokens uniformly, mask a uniform count 1..n_real of its real tokens, keep earlier blocks
+    clean, mask later blocks and everything after the first EOS entirely; then mask prompt and clean
+    earlier-block tokens independently with probability p_mask_prompt (unmasked tokens of the chosen
+    block are not perturbed, as in the reference).
+    Returns masked [B, m, P + Lg] bool and t [B, m] float, the masked fraction of the completion
+    (# masked real completion tokens / |c|), used as w(t) = 1/t.
+    """
+    B, Lg = c.shape
+    n_real = c.sum(-1)                                                               # [B] = |c|
+    n_blocks = (n_real - 1) // block_length + 1                                      # [B] non-empty blocks
+    block = (torch.rand(B, m, generator=generator, device=c.device) * n_blocks[:, None]).long()       # [B, m]
+    start = block * block_length                                                     # [B, m]
+    n_in = (n_real[:, None] - start).clamp(max=block_length)                         # [B, m] real tokens in it
+    count = (torch.rand(B, m, generator=generator, device=c.device) * n_in).long() + 1                # [B, m] in 1..n_in
+    rel = torch.arange(Lg, device=c.device)[None, None, :] - start[..., None]                          # [B, m, Lg]
+    chosen = _random_subset((rel >= 0) & (rel < n_in[..., None]), count, generator)  # [B, m, Lg]
+    after = rel >= n_in[..., None]                  # later blocks, and the post-EOS tail of the chosen one
+    earlier = torch.rand(B, m, Lg, generator=generator, device=c.device) < p_mask_prompt
+    comp = chosen | after | (earlier & (rel < 0)) | ~c[:, None, :]                   # [B, m, Lg]
+    prompt = torch.rand(B, m, prompt_len, generator=generator, device=c.device) < p_mask_prompt        # [B, m, P]
+    t = (comp & c[:, None, :]).sum(-1) / n_real[:, None]                              # [B, m]
+    return torch.cat([prompt, comp], -1), t.float()
+
+
+def random_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_length: int = 0,
+                           p_mask_prompt: float, generator=None):
+    """Random masking (the paper's Table 4 ablation; reference `forward_type=random`).
+
+    A uniform count 1..|c| of the real completion tokens is masked anywhere in the completion, the
+    post-EOS tail is masked, and prompt tokens are masked with probability p_mask_prompt. Same returns
+    as block_forward_process; block_length is unused.
+    """
+    B, Lg = c.shape
+    n_real = c.sum(-1)
+    count = (torch.rand(B, m, generator=generator, device=c.device) * n_real[:, None]).long() + 1    # [B, m] in 1..|c|
+    comp = _random_subset(c[:, None, :].expand(B, m, Lg), count, generator) | ~c[:, None, :]
+    prompt = torch.rand(B, m, prompt_len, generator=generator, device=c.device) < p_mask_prompt
+    t = (comp & c[:, None, :]).sum(-1) / n_real[:, None]
+    return torch.cat([prompt, comp], -1), t.float()
+
+
+FORWARD_PROCESS = {"block": block_forward_process, "random": random_forward_process}
+
+
+def elbo(logp: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Sequence ELBO estimate (Eq. 2, linear schedule w(t) = 1/t): mean_j sum_k masked * logp / t_j.
+
+    logp [B, m, Lg] log pi(x_k | z_j) of the true token, masked [B, m, Lg] bool (completion tokens up to
+    and including the first EOS that sample j masked), t [B, m] the masked fraction. Returns [B] (nats).
+    Uses the empirical mask ratio t_j for w(t) = 1/t, as the reference does (spg_spec.md (h)2).
+    """
+    per_sample = torch.where(masked, logp, 0.0).sum(-1) / t.clamp_min(1e-8)         # [B, m]
+    return per_sample.mean(-1)                                                        # [B]
+
+
+def eubo(logp: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, beta: float,
+         lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Renyi upper bound L~_EUBO (Corollary 1), estimated per token and summed over tokens:
+
+        sum_k (1/beta) log( (1/m) sum_j masked_jk exp(beta logp_jk) / t_j )
+
+    computed in log space (logsumexp over j), so logp = -80 stays finite and counted (field case B09).
+    logp, masked [B, m, Lg]; t [B, m]. Tokens masked in no sample are left out and the sum is rescaled by
+    lengths / n_valid (lengths [B] = |c|; None: no rescaling). Returns [B] (nats). The MC estimate of a
+    log of an expectation is biased by Jensen's inequality; the paper accepts this (Cor. 1).
+    """
+    m = logp.shape[1]
+    log_terms = beta * logp - torch.log(t.clamp_min(1e-8))[..., None]                # [B, m, Lg]
+    log_terms = log_terms.masked_fill(~masked, -math.inf)
+    valid = masked.any(1)                                                             # [B, Lg]
+    per_token = (torch.logsumexp(log_terms, 1) - math.log(m)) / beta                  # [B, Lg]
+    total = torch.where(valid, per_token, 0.0).sum(-1)                                # [B]
+    if lengths is None:
+        return total
+    return total * lengths / valid.sum(-1).clamp_min(1)
+
+
+def mixture_bound(elbo_b: torch.Tensor, eubo_b: torch.Tensor, omega: float) -> torch.Tensor:
+    """L~_Mix = omega * L~_EUBO + (1 - omega) * L_ELBO (Eq. 8). [B] -> [B]."""
+    return omega * eubo_b + (1.0 - omega) * elbo_b
+
+
+NEG_BOUND = {  # the bound that scores negative-advantage completions (paper Table 3)
+    "mix": lambda elbo_b, eubo_b, omega: mixture_bound(elbo_b, eubo_b, omega),
+    "eubo": lambda elbo_b, eubo_b, omega: eubo_b,
+    "elbo": lambda elbo_b, eubo_b, omega: elbo_b,
+    "zero": lambda elbo_b, eubo_b, omega: torch.zeros_like(elbo_b),
+}
+
+
+def spg_loss(advantages, elbo_b, eubo_b, *, num_tokens, estimator="mix", omega=0.5):
+    """The SPG loss (Eq. 5 / Alg. 1): -sum_b A_b * score_b / sum_b |c_b|.
+
+    advantages, elbo_b, eubo_b [B]; score = ELBO where A > 0, else NEG_BOUND[estimator]. num_tokens is
+    sum |c_b| over the WHOLE rollout batch (all micro-batches), so that accumulated micro-batches give
+    the same gradient as one big batch. Returns (loss scalar, detached stats dict).
+    """
+    neg = NEG_BOUND[estimator](elbo_b, eubo_b, omega)                                 # [B]
+    score = torch.where(advantages > 0, elbo_b, neg)                                  # [B]
+    objective = (advantages * score).sum() / num_tokens                               # sum over sequences
+    loss = -objective
+    return loss, {"bound/elbo": elbo_b.detach().mean().item(), "bound/eubo": eubo_b.detach().mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model calls: the decoder body over all positions, the LM head only where logits are needed.
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: [B, L] -> [B, L]; a padded row is then computed like the row alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def hidden_states(model, ids, attention_mask):
+    """[B, L] ids -> [B, L, d] final hidden states of the (bidirectional) decoder."""
+    from model import decoder_and_head
+    decoder, _ = decoder_and_head(model)
+    out = decoder(input_ids=ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask))
+    return out.last_hidden_state
+
+
+def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int = LOGP_CHUNK_ROWS):
+    """log softmax(head(h))[target] in float32, chunked over rows: h [N, T, d], targets [N, T] -> [N, T].
+
+    Under autograd each chunk is checkpointed, so only one chunk of [rows, V] float32 logits is alive at
+    a time, forward or backward; value and gradient equal the direct computation.
+    """
+    def one_chunk(hc, tc):
+        logits = head(hc).float()                                                     # [rows, V]
+        return logits.gather(-1, tc[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if flat_h.shape[0] <= chunk_rows:
+        return one_chunk(flat_h, flat_t).view(targets.shape)
+    parts = []
+    for i in range(0, flat_h.shape[0], chunk_rows):
+        args = (flat_h[i:i + chunk_rows], flat_t[i:i + chunk_rows])
+        parts.append(checkpoint(one_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else one_chunk(*args))
+    return torch.cat(parts).view(targets.shape)
+
+
+def completion_logprobs(model, z: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor):
+    """log pi(x_k | z) at the Lg completion positions: z [N, L] (masked input), targets [N, Lg] -> [N, Lg]."""
+    from model import decoder_and_head
+    _, head = decoder_and_head(model)
+    h = hidden_states(model, z, attention_mask)[:, -targets.shape[1]:]               # [N, Lg, d]
+    return target_logprobs(head, h, targets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding: LLaDA's semi-autoregressive low-confidence remasking (LLaDA generate.py, spg_spec.md (c)).
+
+def transfer_schedule(n: int, steps: int) -> list[int]:
+    """Tokens committed per step inside one block: n spread evenly, the remainder on the first steps ([6,5,5])."""
+    return [n // steps + (1 if i < n % steps else 0) for i in range(steps)]
+
+
+def commit_tokens(block, proposal, confidence, k, mask_id: int):
+    """Commit the k[b] highest-confidence masked positions of each row: block, proposal, confidence [B, bl].
+
+    k [B] long; rows with k = 0 or no masked position are left unchanged (B22). Never re-masks.
+    """
+    masked = block == mask_id
+    k = torch.minimum(k, masked.sum(-1))
+    rank = confidence.masked_fill(~masked, -math.inf).argsort(-1, descending=True).argsort(-1)
+    chosen = masked & (rank < k[:, None])
+    return torch.where(chosen, proposal, block)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, steps, temperature,
+             remasking="low_confidence", mask_id, generator=None):
+    """Semi-autoregressive decoding: [B, P] left-padded prompts -> [B, P + Lg] ids.
+
+    Blocks of bl tokens left to right; each block gets steps_per_block = steps // K steps, and each
+    step commits the k highest-confidence masked positions of the current block (confidence = the
+    untempered probability of the sampled token; remasking="random" uses uniform scores). T = 0 is
+    argmax; T > 0 samples exactly from softmax(logits / T). Positions outside the current block (the
+    prompt included, even a literal mask token in it, B26) are never changed. The mask token itself is
+    never proposed. Raises ValueError on a schedule that does not divide evenly (B21).
+    """
+    if gen_length % block_length or steps % (gen_length // block_length):
+        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, and "
+                         f"steps={steps} a multiple of the number of blocks {gen_length // max(block_length, 1)}")
+    from model import decoder_and_head
+    _, head = decoder_and_head(model)
+    B, P = prompt_ids.shape
+    x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], 1)     # [B, L]
+    attn = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], 1)     # [B, L]
+    schedule = transfer_schedule(block_length, steps // (gen_length // block_length))
+    for lo in range(P, P + gen_length, block_length):
+        hi = lo + block_length
+        for k in schedule:
+            logits = head(hidden_states(model, x, attn)[:, lo:hi]).float()            # [B, bl, V]
+            logits[..., mask_id] = -math.inf
+            probs = logits.softmax(-1)                                                # untempered
+            if temperature == 0:
+                proposal = logits.argmax(-1)                                          # [B, bl]
+            else:
+                tempered = (logits / temperature).softmax(-1).view(-1, logits.shape[-1])
+                proposal = torch.multinomial(tempered, 1, generator=generator).view(B, block_length)
+            if remasking == "random":
+                confidence = torch.rand(B, block_length, generator=generator, device=x.device)
+            else:
+                confidence = probs.gather(-1, proposal[..., None])[..., 0]
+            x[:, lo:hi] = commit_tokens(x[:, lo:hi], proposal, confidence, torch.full((B,), k, device=x.device), mask_id)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing: prompts, rewards, evaluation, checkpoints. Side effects live here and in train(), not above.
+
+def make_generator(seed: int, *parts: int, device="cpu") -> torch.Generator:
+    """One generator per (seed, step, inner iteration, purpose): the one place seeds are derived."""
+    key = seed
+    for p in parts:
+        key = (key * 1_000_003 + p + 1) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def encode_prompts(tok, contents: list[str], prefill: str = "", device="cpu"):
+    """User-turn contents -> left-padded ids [B, P] and attention mask [B, P] through the chat template."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                     tokenize=False) + prefill for c in contents]
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def decode_completions(tok, completion_ids, c) -> list[str]:
+    """Completion text up to (not including) the first stop token, special tokens dropped."""
+    return [tok.decode(row[keep], skip_special_tokens=True) for row, keep in zip(completion_ids.cpu(), c.cpu())]
+
+
+def score_rewards(task, texts: list[str], examples: list[dict]):
+    """Per-function rewards [B, F] (None / NaN / errors -> 0, counted) and the weighted total [B]."""
+    per_fn, missing = torch.zeros(len(texts), len(task.reward_funcs), dtype=torch.float64), 0
+    for i, (text, ex) in enumerate(zip(texts, examples)):
+        for f, (_, fn, weight) in enumerate(task.reward_funcs):
+            try:
+                value = fn(text, ex)
+            except Exception:
+                value = None
+            if value is None or not math.isfinite(value):
+                missing += 1
+                value = 0.0
+            per_fn[i, f] = weight * value
+    return per_fn, per_fn.sum(-1), missing
+
+
+def evaluate(model, tok, task, examples, cfg: Config, *, style: str, mask_id: int, stop_ids, desc="eval"):
+    """Greedy held-out evaluation, the paper's protocol: T = 0, block bl, steps = Lg / 2. Returns (metrics, rows)."""
+    from tqdm import tqdm
+    import tasks as T
+    prefill = T.EVAL_PREFILL if style == "paper" else ""
+    device = next(model.parameters()).device
+    was_training, rows = model.training, []
+    model.eval()
+    for i in tqdm(range(0, len(examples), cfg.eval_batch), desc=desc, leave=False, disable=None):
+        batch = examples[i:i + cfg.eval_batch]
+        ids, attn = encode_prompts(tok, [T.build_prompt(cfg.task, ex, split="eval", style=style) for ex in batch],
+                                   prefill, device)
+        seqs = generate(model, ids, attn, gen_length=cfg.gen_length, block_length=cfg.block_length,
+                        steps=cfg.gen_length // 2, temperature=0.0, mask_id=mask_id)
+        comp = seqs[:, ids.shape[1]:]
+        texts = decode_completions(tok, comp, completion_mask(comp, stop_ids))
+        rows += [{"completion": t, "score": task.score(t, ex)} for t, ex in zip(texts, batch)]
+    model.train(was_training)
+    return T.aggregate(cfg.task, [r["score"] for r in rows], examples), rows
+
+
+def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, eos_id, path: Path):
+    """Masked-diffusion supervised warm start (the ELBO objective, Eq. 2, on task solutions), cached at path.
+
+    Completions are padded with EOS to Lg and every position is trained, as in LLaDA's SFT. The budget
+    is deliberately short so that RL has room to improve the model.
+    """
+    import tasks as T
+    from tqdm import tqdm
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return
+    gen = make_generator(0, 7)                       # the warm start does not depend on the RL seed
+    opt = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, betas=ADAM_BETAS)
+    device = next(model.parameters()).device
+    for _ in tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None):
+        idx = torch.randint(len(train_examples), (64,), generator=gen).tolist()
+        batch = [train_examples[i] for i in idx]
+        ids, attn = encode_prompts(tok, [T.build_prompt(cfg.task, ex, split="train", style=style) for ex in batch],
+                                   device=device)
+        targets = torch.full((len(batch), cfg.gen_length), eos_id)
+        for row, ex in enumerate(batch):
+            t_ids = tok(T.target_completion(cfg.task, ex, style=style), add_special_tokens=False)["input_ids"]
+            targets[row, :len(t_ids)] = torch.tensor(t_ids[:cfg.gen_length])
+        targets = targets.to(device)
+        c = torch.ones_like(targets, dtype=torch.bool)
+        masked, t = random_forward_process(c, ids.shape[1], m=1, p_mask_prompt=0.0, generator=gen)
+        x = torch.cat([ids, targets], 1)
+        z = torch.where(masked[:, 0], mask_id, x)
+        full_attn = torch.cat([attn, torch.ones_like(targets)], 1)
+        logp = completion_logprobs(model, z, full_attn, targets)[:, None]               # [B, 1, Lg]
+        loss = -elbo(logp, masked[..., ids.shape[1]:], t).sum() / targets.numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
+    """Trainable weights, optimizer, step, RNG state and config, written to a temporary name and renamed."""
+    final, tmp = out / f"ckpt_{step:06d}", out / f".tmp_ckpt_{step:06d}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"model": trainable, "optimizer": opt.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)}, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in out.glob("ckpt_*") if (p / "state.pt").exists())
+    return done[-1] if done else None
+
+
+def load_model(cfg: Config):
+    """(model, tokenizer, prompt style). The tiny CPU model, or a LLaDA checkpoint in 4-bit with LoRA."""
+    import model as M
+    if cfg.model == "tiny":
+        tok = M.tiny_tokenizer()
+        return M.tiny_model(len(tok), seed=0), tok, "tiny"
+    if not torch.cuda.is_available() and not Path(cfg.model).is_dir():
+        raise SystemExit(f"--model {cfg.model} is an 8B model and this machine has no CUDA GPU. "
+                         "Use --model tiny to train the small CPU model, or run on a GPU.")
+    tok = M.load_tokenizer(cfg.model)
+    net = M.load_llada(cfg.model, load_in_4bit=cfg.load_in_4bit)
+    net = M.add_lora(net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
+    return net.to("cuda") if torch.cuda.is_available() and not cfg.load_in_4bit else net, tok, "paper"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: rollouts -> rewards -> advantages -> mu inner updates -> log -> maybe eval / save.
+
+def train(cfg: Config) -> dict:
+    import model as M
+    import tasks as T
+    from tqdm import tqdm
+    validate(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"out={cfg.out} is not writable: pass --out DIR with a writable directory")
+    task = T.get_task(cfg.task)
+    train_set = T.load_train(cfg.task, cfg.data_dir, seed=cfg.seed)
+    eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
+    model, tok, style = load_model(cfg)
+    ids = M.special_ids(tok)
+    mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
+    device = next(model.parameters()).device
+    if style == "tiny" and cfg.warm_start_steps:
+        tag = f"{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}"
+        sft_warm_start(model, tok, train_set, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
+                       path=Path(cfg.cache_dir) / f"warm_{tag}.pt")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    start_step, summary = 0, {"config": dataclasses.asdict(cfg)}
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:                                  # resume: weights, optimizer, step, RNG
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = state["step"]
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else summary
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
+    evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
+                                         stop_ids=stop_ids, desc=desc)
+    if "eval_before" not in summary:
+        summary["eval_before"], _ = evaluate_now("eval before RL")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"held-out before RL: {summary['eval_before']}")
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_signal.append(1))
+    g, n_prompts = cfg.group_size, cfg.num_prompts
+    nonfinite_in_a_row, step = 0, start_step
+    bar = tqdm(range(start_step, cfg.max_steps), desc="SPG", initial=start_step, total=cfg.max_steps, disable=None)
+    for step in bar:
+        t0 = time.time()
+        # ---- rollouts: g completions for each of n_prompts prompts, grouped contiguously
+        order = torch.randperm(len(train_set), generator=make_generator(cfg.seed, step, 0))[:n_prompts]
+        examples = [train_set[i] for i in order.tolist() for _ in range(g)]                  # B = n * g
+        group_ids = torch.arange(n_prompts).repeat_interleave(g)                              # [B]
+        prompt_ids, prompt_attn = encode_prompts(
+            tok, [T.build_prompt(cfg.task, ex, split="train", style=style) for ex in examples[::g]], device=device)
+        prompt_ids, prompt_attn = prompt_ids.repeat_interleave(g, 0), prompt_attn.repeat_interleave(g, 0)
+        model.eval()
+        seqs = generate(model, prompt_ids, prompt_attn, gen_length=cfg.gen_length, block_length=cfg.block_length,
+                        steps=cfg.steps, temperature=cfg.temperature, mask_id=mask_id,
+                        generator=make_generator(cfg.seed, step, 1, device=device))       # [B, L]
+        model.train()
+        P = prompt_ids.shape[1]
+        comp = seqs[:, P:]                                                                # [B, Lg]
+        c = completion_mask(comp, stop_ids)                                               # [B, Lg]
+        attn = torch.cat([prompt_attn, torch.ones_like(comp)], 1)                        # [B, L]
+        t_rollout = time.time() - t0
+        # ---- rewards and advantages (Eq. 4)
+        per_fn, rewards, missing = score_rewards(task, decode_completions(tok, comp, c), examples)
+        adv = group_advantages(rewards, group_ids).to(device)                             # [B]
+        active = (adv != 0).nonzero()[:, 0]           # zero-advantage sequences add no gradient: skip them
+        num_tokens = c.sum()                          # the denominator counts every completion token
+        # ---- mu inner updates, each with freshly drawn masks (Alg. 1)
+        losses, grad_norms, bounds = [], [], {}
+        for it in range(cfg.mu):
+            mask_gen = make_generator(cfg.seed, step, 2, it, device=device)
+            opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for chunk in active.split(cfg.micro_batch) if len(active) else ():
+                b = len(chunk)
+                masked, t = FORWARD_PROCESS[cfg.masking](c[chunk], P, m=cfg.num_mc, block_length=cfg.block_length,
+                                                         p_mask_prompt=cfg.p_mask_prompt, generator=mask_gen)
+                z = torch.where(masked, mask_id, seqs[chunk][:, None])                    # [b, m, L]
+                logp = completion_logprobs(
+                    model, z.view(b * cfg.num_mc, -1), attn[chunk].repeat_interleave(cfg.num_mc, 0),
+                    comp[chunk].repeat_interleave(cfg.num_mc, 0)).view(b, cfg.num_mc, -1)   # [b, m, Lg]
+                counted = masked[..., P:] & c[chunk][:, None]                             # [b, m, Lg]
+                elbo_b = elbo(logp, counted, t)                                           # [b]
+                eubo_b = eubo(logp, counted, t, cfg.beta, lengths=c[chunk].sum(-1))       # [b]
+                loss, bounds = spg_loss(adv[chunk], elbo_b, eubo_b, num_tokens=num_tokens,
+                                        estimator=cfg.estimator, omega=cfg.omega)
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if len(active) else torch.zeros(())
+            if torch.isfinite(loss_sum) and torch.isfinite(grad_norm):
+                opt.step()
+                nonfinite_in_a_row = 0
+            else:                                     # skip the step, count it, abort after too many
+                nonfinite_in_a_row += 1
+                summary["nonfinite_steps"] = summary.get("nonfinite_steps", 0) + 1
+                if nonfinite_in_a_row >= 10:
+                    raise RuntimeError("10 non-finite losses or gradients in a row: lower --lr or check the data")
+            losses.append(loss_sum.item())
+            grad_norms.append(grad_norm.item())
+        # ---- log one fixed-format line and one metrics.jsonl line
+        dt = time.time() - t0
+        zero_var = (adv.view(-1, g) == 0).all(-1).float().mean().item()
+        row = {"step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+               **{f"reward/{name}": per_fn[:, f].mean().item() for f, (name, _, _) in enumerate(task.reward_funcs)},
+               "reward/missing": missing, "reward/frac_zero_adv_groups": zero_var,
+               "gen/len": c.sum(-1).float().mean().item(), "loss": sum(losses) / len(losses),
+               "grad_norm": sum(grad_norms) / len(grad_norms), "lr": cfg.lr, **bounds,
+               "time/rollout_s": t_rollout, "time/step_s": dt, "tokens_per_s": comp.numel() / t_rollout}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
+            row["eval"], _ = evaluate_now(f"eval step {step + 1}")
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.write(f"step {step + 1:5d}/{cfg.max_steps} | reward {row['reward/mean']:.3f} | loss {row['loss']:+.4f} "
+                  f"| grad {row['grad_norm']:.3f} | zero-adv {zero_var:.2f} | len {row['gen/len']:.1f} | {dt:.1f}s"
+                  + (f" | eval {row['eval']}" if "eval" in row else ""))
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop_signal:
+            save_checkpoint(out, step + 1, model, opt, cfg)
+        if stop_signal:
+            print(f"stopped by a signal after step {step + 1}; resume with the same command")
+            sys.exit(130)
+    summary["eval_after"], rows = evaluate_now("eval after RL")
+    with open(out / "eval_generations.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    summary["steps"] = cfg.max_steps
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"held-out before RL: {summary['eval_before']}\nheld-out after RL:  {summary['eval_after']}")
+    return summary
+
+
+def parse_config(argv=None) -> Config:
+    """CLI built from the Config dataclass; unknown flags are an error. Precedence: flag > preset > task > default."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int, "float": float}.get(
+            str(f.type).split(" ")[0], str)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS)
+    given = vars(p.parse_args(argv))
+    task = given.get("task", Config.task)
+    preset = TINY_PRESET if given.get("model") == "tiny" else {}
+    return Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **given})
+
+
+if __name__ == "__main__":
+    train(parse_config())

@@ -1,0 +1,230 @@
+"""The SPG objects against hand-computed values, invariants and plain reference computations.
+
+Run: python -m pytest -q tests/test_spg.py
+"""
+import math
+
+import pytest
+import torch
+
+import spg_min as S
+
+
+# ---------------------------------------------------------------- advantages (Eq. 4), B12-B14
+
+def test_advantages_mean_centred_no_std():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    adv = S.group_advantages(r, torch.tensor([0, 0, 1, 1]))
+    assert adv.tolist() == [0.5, -0.5, 0.0, 0.0]
+
+
+def test_advantages_group_by_prompt_id_in_any_order():  # B14
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0])               # order P0, P1, P0, P1
+    adv = S.group_advantages(r, torch.tensor([0, 1, 0, 1]))
+    assert adv.tolist() == [0.5, 0.0, -0.5, 0.0]
+
+
+def test_zero_variance_groups_are_exactly_zero():       # B12
+    assert S.group_advantages(torch.full((4,), 2.0), torch.zeros(4, dtype=torch.long)).tolist() == [0.0] * 4
+    r = torch.full((8,), 0.1, dtype=torch.float32)
+    assert (S.group_advantages(r, torch.zeros(8, dtype=torch.long)) == 0).all()
+    r = torch.tensor([0.35] * 7 + [0.95])
+    adv = S.group_advantages(r, torch.zeros(8, dtype=torch.long))
+    assert adv[-1].item() == pytest.approx(0.525, abs=1e-6) and adv[-1] <= 0.6
+
+
+def test_nan_reward_treated_as_zero_and_counted():      # B13
+    class Task:
+        reward_funcs = (("r1", lambda t, ex: ex["r1"], 1.0), ("r2", lambda t, ex: ex["r2"], 1.0))
+    examples = [dict(r1=1, r2=0.5), dict(r1=0, r2=float("nan")), dict(r1=1, r2=0), dict(r1=1, r2=None)]
+    _, total, missing = S.score_rewards(Task, ["a"] * 4, examples)
+    assert total.tolist() == [1.5, 0.0, 1.0, 1.0] and missing == 2
+    adv = S.group_advantages(total, torch.tensor([0, 0, 1, 1]))
+    assert adv.tolist() == [0.75, -0.75, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------- completion mask, B19
+
+def test_completion_mask_by_position_when_pad_equals_eos():
+    E = 9
+    c = S.completion_mask(torch.tensor([[11, 12, E, E, E], [11, 12, 13, 14, 15]]), (E,))
+    assert c.int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert S.completion_mask(torch.tensor([[E, E]]), (E, 7)).int().tolist() == [[1, 0]]
+    assert S.completion_mask(torch.tensor([[3, 7, E]]), (E, 7)).int().tolist() == [[1, 1, 0]]
+
+
+# ---------------------------------------------------------------- ELBO (Eq. 2) and EUBO (Cor. 1)
+
+def test_elbo_hand_computed():
+    logp = torch.tensor([[[-1.0, -2.0, -3.0], [-0.5, -1.5, -4.0]]])      # [B=1, m=2, Lg=3]
+    masked = torch.tensor([[[True, False, True], [False, True, True]]])
+    t = torch.tensor([[2 / 3, 2 / 3]])
+    # sample 1: (-1 - 3) / (2/3) = -6 ; sample 2: (-1.5 - 4) / (2/3) = -8.25 ; mean = -7.125
+    assert S.elbo(logp, masked, t).item() == pytest.approx(-7.125)
+
+
+def test_eubo_hand_computed():
+    logp = torch.tensor([[[-1.0, -2.0], [-3.0, -4.0]]])                   # [1, 2, 2]
+    masked = torch.tensor([[[True, True], [True, False]]])
+    t = torch.tensor([[1.0, 0.5]])
+    beta = 1.5
+    tok0 = math.log(0.5 * (math.exp(beta * -1.0) / 1.0 + math.exp(beta * -3.0) / 0.5)) / beta
+    tok1 = math.log(0.5 * (math.exp(beta * -2.0) / 1.0)) / beta
+    assert S.eubo(logp, masked, t, beta).item() == pytest.approx(tok0 + tok1, rel=1e-6)
+
+
+def test_eubo_in_log_space_for_tiny_probabilities():   # B09
+    out = S.eubo(torch.tensor([[[-80.0]]]), torch.tensor([[[True]]]), torch.tensor([[0.5]]), 1.5)
+    assert torch.isfinite(out).all()
+    assert out.item() == pytest.approx((1.5 * -80 - math.log(0.5)) / 1.5, abs=1e-4)   # -79.538
+    assert out.item() == pytest.approx(-79.538, abs=1e-3)
+
+
+def test_eubo_leaves_out_unmasked_tokens_and_rescales():
+    logp = torch.tensor([[[-1.0, -2.0, -3.0, -4.0]]])
+    masked = torch.tensor([[[True, True, False, False]]])
+    t = torch.tensor([[0.5]])
+    base = S.eubo(logp, masked, t, 1.0)
+    assert base.item() == pytest.approx((-1 - math.log(0.5)) + (-2 - math.log(0.5)))
+    assert S.eubo(logp, masked, t, 1.0, lengths=torch.tensor([4])).item() == pytest.approx(2 * base.item())
+
+
+def test_two_token_toy_of_appendix_e3():
+    a, b, beta = 0.7, 0.2, 1.5
+    logp = torch.log(torch.tensor([[[a], [b]]]))                          # two samples, one token
+    masked = torch.ones(1, 2, 1, dtype=torch.bool)
+    t = torch.ones(1, 2)
+    assert S.elbo(logp, masked, t).item() == pytest.approx(0.5 * (math.log(a) + math.log(b)), rel=1e-6)
+    assert S.eubo(logp, masked, t, beta).item() == pytest.approx(math.log((a**beta + b**beta) / 2) / beta, rel=1e-6)
+
+
+def test_elbo_below_eubo_on_random_inputs():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logp = torch.log_softmax(torch.randn(3, 4, 10, 7, generator=gen), -1)[..., 0]   # [B, m, Lg]
+        masked = torch.ones(3, 4, 10, dtype=torch.bool)
+        t = torch.ones(3, 4)
+        assert (S.elbo(logp, masked, t) <= S.eubo(logp, masked, t, 1.0) + 1e-5).all()
+
+
+def test_eubo_gradient_is_rho_beta_weighted_score():
+    beta = 1.5
+    logp = torch.tensor([[[-0.3], [-2.0], [-1.0]]], requires_grad=True)   # [1, m=3, 1]
+    t = torch.tensor([[0.5, 1.0, 0.25]])
+    S.eubo(logp, torch.ones(1, 3, 1, dtype=torch.bool), t, beta).sum().backward()
+    w = torch.exp(beta * logp.detach()[0, :, 0]) / t[0]
+    assert torch.allclose(logp.grad[0, :, 0], w / w.sum(), atol=1e-6)   # rho_beta, Prop. 1
+
+
+def test_mixture_endpoints():
+    e, u = torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -0.5])
+    assert torch.equal(S.mixture_bound(e, u, 0.0), e) and torch.equal(S.mixture_bound(e, u, 1.0), u)
+    assert torch.allclose(S.mixture_bound(e, u, 0.5), (e + u) / 2)
+
+
+def test_spg_loss_picks_bound_by_advantage_sign():
+    adv = torch.tensor([1.0, -2.0, 0.0])
+    elbo_b, eubo_b = torch.tensor([-4.0, -6.0, -1.0]), torch.tensor([-3.0, -2.0, -1.0])
+    for est, neg in [("mix", -4.0), ("eubo", -2.0), ("elbo", -6.0), ("zero", 0.0)]:
+        loss, _ = S.spg_loss(adv, elbo_b, eubo_b, num_tokens=10, estimator=est, omega=0.5)
+        assert loss.item() == pytest.approx(-(1.0 * -4.0 + -2.0 * neg) / 10)
+
+
+def test_all_equal_rewards_give_zero_gradient():
+    elbo_b = torch.tensor([-4.0, -6.0], requires_grad=True)
+    adv = S.group_advantages(torch.tensor([2.0, 2.0]), torch.tensor([0, 0]))
+    loss, _ = S.spg_loss(adv, elbo_b, elbo_b * 0.5, num_tokens=5)
+    loss.backward()
+    assert loss.item() == 0 and (elbo_b.grad == 0).all()
+
+
+# ---------------------------------------------------------------- block-wise masking (Sec. 3.3)
+
+def test_block_masking_invariants():
+    bl, P, m = 4, 3, 5
+    c = torch.zeros(6, 16, dtype=torch.bool)
+    for row, n in enumerate([16, 13, 9, 4, 1, 6]):
+        c[row, :n] = True
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        masked, t = S.block_forward_process(c, P, m=m, block_length=bl, p_mask_prompt=0.0, generator=gen)
+        comp = masked[..., P:]
+        assert not masked[..., :P].any()                                       # p = 0: prompt clean
+        for b in range(6):
+            n = int(c[b].sum())
+            for j in range(m):
+                mj = comp[b, j]
+                first = int(mj[:n].nonzero()[0]) if mj[:n].any() else None
+                blk = first // bl
+                assert blk <= (n - 1) // bl                                    # a block holding completion
+                assert not mj[:blk * bl].any()                                 # earlier blocks clean
+                assert mj[(blk + 1) * bl:].all() and mj[n:].all()              # later blocks, post-EOS masked
+                in_block = mj[blk * bl:min((blk + 1) * bl, n)]
+                assert 1 <= in_block.sum() <= len(in_block)
+                assert t[b, j].item() == pytest.approx(mj[:n].sum().item() / n)
+
+
+def test_block_masking_count_is_uniform_and_reproducible():
+    c = torch.ones(4000, 8, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(1)
+    masked, _ = S.block_forward_process(c, 2, m=1, block_length=8, p_mask_prompt=0.15, generator=gen)
+    counts = torch.bincount(masked[:, 0, 2:].sum(-1), minlength=9)[1:]            # 1..8, one block
+    assert (counts > 4000 / 8 * 0.8).all() and (counts < 4000 / 8 * 1.2).all()
+    assert abs(masked[:, 0, :2].float().mean().item() - 0.15) < 0.02           # prompt perturbation rate
+    again, _ = S.block_forward_process(c, 2, m=1, block_length=8, p_mask_prompt=0.15,
+                                       generator=torch.Generator().manual_seed(1))
+    assert torch.equal(masked, again)
+
+
+def test_clean_block_perturbation_only_hits_earlier_blocks():
+    c = torch.ones(2000, 8, dtype=torch.bool)
+    masked, _ = S.block_forward_process(c, 0, m=1, block_length=4, p_mask_prompt=0.5,
+                                        generator=torch.Generator().manual_seed(2))
+    chosen_second = ~masked[:, 0, 4:].all(-1)          # block 2 was the chosen one (partly masked)
+    rate = masked[chosen_second, 0, :4].float().mean().item()
+    assert 0.4 < rate < 0.6                             # earlier clean block perturbed at ~p
+
+
+def test_random_masking_counts_and_post_eos():
+    c = torch.zeros(1000, 10, dtype=torch.bool)
+    c[:, :6] = True
+    masked, t = S.random_forward_process(c, 0, m=1, p_mask_prompt=0.0, generator=torch.Generator().manual_seed(3))
+    assert masked[:, 0, 6:].all()
+    n = masked[:, 0, :6].sum(-1)
+    assert n.min() >= 1 and n.max() <= 6 and torch.allclose(t[:, 0], n / 6)
+
+
+def test_masked_and_counted_positions_b17():
+    # prompt 4, completion 4 with c = [1,1,1,0], all completion tokens masked: the ELBO uses 3 tokens only
+    logp = torch.tensor([[[-1.0, -2.0, -3.0, -100.0]]])
+    counted = torch.tensor([[[True, True, True, True]]]) & torch.tensor([True, True, True, False])
+    t = counted.sum(-1) / 3
+    assert S.elbo(logp, counted, t).item() == pytest.approx(-6.0)
+
+
+# ---------------------------------------------------------------- decoding schedule (B21, B22)
+
+def test_transfer_schedule():
+    assert S.transfer_schedule(16, 4) == [4, 4, 4, 4]
+    assert S.transfer_schedule(16, 3) == [6, 5, 5]
+    assert sum(S.transfer_schedule(32, 16)) == 32
+
+
+def test_commit_tokens_rows_with_nothing_to_reveal():   # B22
+    M = 99
+    block = torch.tensor([[1, 2, 3, 4], [M, 5, M, M]])
+    proposal = torch.tensor([[7, 7, 7, 7], [8, 8, 8, 8]])
+    conf = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.1, 0.9, 0.7, 0.2]])
+    out = S.commit_tokens(block, proposal, conf, torch.tensor([0, 1]), M)
+    assert out[0].tolist() == [1, 2, 3, 4]
+    assert out[1].tolist() == [M, 5, 8, M]
+    out = S.commit_tokens(block, proposal, conf, torch.tensor([2, 10]), M)   # k above #masked is clamped
+    assert out[0].tolist() == [1, 2, 3, 4] and out[1].tolist() == [8, 5, 8, 8]
+
+
+def test_schedule_errors():
+    cfg = S.Config(gen_length=60, block_length=16)
+    with pytest.raises(ValueError, match="block_length"):
+        S.validate(cfg)
+    with pytest.raises(ValueError, match="steps"):
+        S.validate(S.Config(gen_length=64, block_length=16, steps=10))

@@ -1,0 +1,375 @@
+"""Tests for tasks.py: data splits, prompts, rewards (field cases B01-B06) and eval scores.
+
+Run: python -m pytest -q tests/test_tasks.py   (CPU only, well under a minute)
+Tests on the real files need ../shared/data beside the checkout and skip with a reason when it is absent.
+"""
+import csv
+import itertools
+import re
+import sys
+import warnings
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tasks  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_MD = Path(__file__).resolve().parents[2] / "shared" / "docs" / "data.md"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA} (see SOURCES.md there)")
+FN_MAX = {"xmlcount": 0.5, "soft_format": 0.5, "strict_format": 0.5, "int": 0.5, "correctness": 2.0, "format": 0.75,
+          "countdown": 1.0, "sudoku": 1.0}
+EXAMPLES = {"gsm8k": {"question": "q", "answer": "72"}, "math": {"problem": "p", "answer": "\\frac{1}{2}"},
+            "countdown": {"nums": [30, 100, 93], "target": 23},
+            "sudoku": {"puzzle": "0310200404001043", "solution": "4312213434211243"}}
+
+
+def fns(name):
+    return {fn_name: fn for fn_name, fn, _ in tasks.get_task(name).reward_funcs}
+
+
+def paper(answer, reasoning="Step 1\nStep 2"):
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
+
+
+def count_solutions(puzzle):
+    """Independent backtracking count of the completions of a 4x4 puzzle."""
+    i = puzzle.find("0")
+    if i < 0:
+        return 1
+    r, c = divmod(i, 4)
+    used = {puzzle[j] for j in range(16) if j // 4 == r or j % 4 == c or (j // 8, j % 4 // 2) == (r // 2, c // 2)}
+    return sum(count_solutions(puzzle[:i] + d + puzzle[i + 1:]) for d in "1234" if d not in used)
+
+
+def solve_countdown(nums, target):
+    """Independent brute force over orders and operator trees with exact fractions (any intermediate value)."""
+    def search(items):
+        if len(items) == 1:
+            yield items[0]
+            return
+        for i, j in itertools.permutations(range(len(items)), 2):
+            (a, ea), (b, eb) = items[i], items[j]
+            rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+            steps = [(a + b, f"({ea}+{eb})"), (a - b, f"({ea}-{eb})"), (a * b, f"({ea}*{eb})")]
+            for step in steps + ([(a / b, f"({ea}/{eb})")] if b else []):
+                yield from search(rest + [step])
+    return next((e for v, e in search([(Fraction(n), str(n)) for n in nums]) if v == target), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sudoku
+
+def test_sudoku_grids_are_the_288_valid_grids():
+    grids = tasks.SUDOKU_GRIDS
+    assert len(grids) == len(set(grids)) == 288 and grids == sorted(grids)
+    assert all(count_solutions(g) == 1 and sorted(g) == sorted("1234" * 4) for g in grids)
+    assert sum(count_solutions(p) for p in ["1234" + "0" * 12]) == 288 // 24  # 12 grids share a first row
+
+
+@needs_data
+def test_heldout_constant_equals_csv_solution_grids():
+    with open(DATA / "sudoku" / "test_sudoku_split_new.csv", newline="") as f:
+        solutions = {row["Solution"] for row in csv.DictReader(f)}
+    assert len(solutions) == 88
+    assert {tasks.SUDOKU_GRIDS[i] for i in tasks.SUDOKU_HELDOUT} == solutions
+
+
+def test_sudoku_training_puzzles():
+    rows = tasks.load_train("sudoku")
+    heldout = {tasks.SUDOKU_GRIDS[i] for i in tasks.SUDOKU_HELDOUT}
+    assert len(rows) >= 3000 and len({r["puzzle"] for r in rows}) == len(rows)
+    assert not heldout & {r["solution"] for r in rows}
+    assert not set(tasks.SUDOKU_FEWSHOT_PUZZLES) & {r["puzzle"] for r in rows}
+    few_shot_grids = {re.search(r"<answer>\n(\d{16})", s).group(1) for s in tasks.SUDOKU_FEWSHOT}
+    assert few_shot_grids <= {r["solution"] for r in rows}  # forced into the training grids, as in SPG
+    assert {16 - r["puzzle"].count("0") for r in rows} == set(tasks.SUDOKU_CLUES)
+    for r in rows:
+        assert all(p in ("0", s) for p, s in zip(r["puzzle"], r["solution"]))
+        assert tasks.sudoku_completions(r["puzzle"]) == 1
+    assert all(count_solutions(r["puzzle"]) == 1 for r in rows[::10])  # independent check on a sample
+    assert tasks.load_train("sudoku", seed=1) != rows and tasks.load_train("sudoku") == rows
+
+
+@needs_data
+def test_sudoku_published_eval_set_gets_full_reward():
+    rows, task = tasks.load_eval("sudoku"), tasks.get_task("sudoku")
+    assert len(rows) == 256 and rows[0] == EXAMPLES["sudoku"]
+    for ex in rows:
+        assert count_solutions(ex["puzzle"]) == 1 and ex["puzzle"] not in tasks.SUDOKU_FEWSHOT_PUZZLES
+        assert task.reward(tasks.target_completion("sudoku", ex, style="paper"), ex) == 1.0
+        assert task.reward(tasks.target_completion("sudoku", ex), ex) == 1.0
+        assert task.score(paper(ex["solution"]), ex) == 1.0
+    assert tasks.aggregate("sudoku", [1.0] * 256, rows) == {"accuracy": 100.0, "solved": 100.0, "n": 256}
+
+
+def test_sudoku_generated_eval_set(monkeypatch):
+    monkeypatch.setattr(tasks, "DATA_DIR_DEFAULT", None)
+    rows = tasks.load_eval("sudoku")
+    grids = [r["solution"] for r in rows]
+    assert len(rows) == 256 and len(set(grids)) == 88
+    assert set(grids) == {tasks.SUDOKU_GRIDS[i] for i in tasks.SUDOKU_HELDOUT}
+    assert all(count_solutions(r["puzzle"]) == 1 for r in rows)
+    assert tasks.load_eval("sudoku") == rows
+
+
+def test_sudoku_eval_file_and_subset(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("Puzzle,Solution\n0310200404001043,4312213434211243\n1002020100030310,1432324141232314\n")
+    rows = tasks.load_eval("sudoku", eval_file=path)
+    assert rows == [EXAMPLES["sudoku"], {"puzzle": "1002020100030310", "solution": "1432324141232314"}]
+    subset = tasks.load_eval("sudoku", eval_file=path, n=1, seed=3)
+    assert len(subset) == 1 and subset == tasks.load_eval("sudoku", eval_file=path, n=1, seed=3)
+
+
+def test_sudoku_reward_and_score():
+    ex, reward, score = EXAMPLES["sudoku"], tasks.get_task("sudoku").reward, tasks.get_task("sudoku").score
+    half = ex["solution"]  # the puzzle 0310200404001043 has 8 empty cells: 0, 3, 5, 6, 8, 10, 11, 13
+    assert reward("<answer>" + ex["puzzle"] + "</answer>", ex) == 0.0  # copying the clues earns nothing
+    assert reward("<answer>" + "1" + half[1:3] + "1" + half[4:6] + "1" + half[7:] + "</answer>", ex) == 5 / 8
+    assert reward("<answer>4312 2134\n3421 1243</answer>", ex) == 1.0  # digits only
+    assert reward("<answer>0000</answer> then <answer>" + half + "</answer>", ex) == 1.0  # the last pair
+    assert reward("<answer>" + half, ex) == 0.0 and score("<answer>" + half, ex) == 1.0  # cut off: score reads it
+    assert reward("<answer>" + half + "9999</answer>", ex) == 1.0  # cut to 16
+    assert score("so the grid is 4312213434211243.", ex) == 1.0 and score("no answer", ex) == 0.0
+    assert score("<answer>[4,3,1,2,2,1,3,4,3,4,2,1,1,2,4,3]</answer>", ex) == 1.0  # reference eval would shift cells
+    four_empty = {"puzzle": "0000324141232314", "solution": "1432324141232314"}
+    assert score("<answer>1000</answer>", four_empty) == 0.25
+    assert tasks.aggregate("sudoku", [1.0, 0.25], [ex, four_empty]) == pytest.approx(  # micro-average over cells
+        {"accuracy": 100 * (8 + 1) / (8 + 4), "solved": 50.0, "n": 2})
+
+
+def test_sudoku_prompts():
+    ex = EXAMPLES["sudoku"]
+    train, evaluation = (tasks.build_prompt("sudoku", ex, split=s) for s in ("train", "eval"))
+    assert train.startswith(tasks.SUDOKU_SYSTEM_PROMPT + "\n\n" + tasks.SUDOKU_FEWSHOT[0] + "\n\n")
+    assert train.endswith("</answer>\n\nQuestion: Solve the following Sudoku puzzle: 0310200404001043\nAnswer:\n")
+    assert evaluation == train[:-len("\nAnswer:\n")] + "\n\nAnswer:\n"
+    assert tasks.build_prompt("sudoku", ex, style="tiny") == "Sudoku 0310200404001043"
+    assert tasks.target_completion("sudoku", ex) == "<answer>\n4312213434211243\n</answer>"
+
+
+@pytest.mark.skipif(not DATA_MD.is_file(), reason=f"{DATA_MD} not found")
+def test_prompt_constants_match_data_md():
+    doc = DATA_MD.read_text()
+    blocks = re.findall(r"```\n(.*?)```", doc[doc.index("`SUDOKU_SYSTEM_PROMPT` (starts"):], re.S)
+    assert blocks[0][:-1] == tasks.SUDOKU_SYSTEM_PROMPT
+    assert tuple(b[:-1] for b in blocks[1:4]) == tasks.SUDOKU_FEWSHOT
+
+    def inline(prefix):  # `"..."` string after prefix; `\n` in the doc means a newline
+        start = doc.index('`"', doc.index(prefix)) + 2
+        return doc[start:doc.index('"`', start)].replace("\\n", "\n").replace('\\"', '"')
+    assert inline("- GSM8K `SYS`") == tasks.GSM8K_EVAL_SYS
+    assert inline("- MATH500 `SYS`") == tasks.MATH_EVAL_SYS
+    assert inline("- Countdown `SYS`") == tasks.COUNTDOWN_EVAL_SYS
+    math_train = re.search(r'- MATH: `SYSTEM_PROMPT \+ "(.*?)" \+ problem`', doc).group(1).replace("\\n", "\n")
+    assert tasks.build_prompt("math", {"problem": "P"}) == tasks.SYSTEM_PROMPT + math_train + "P"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field cases B01-B06
+
+B01 = "<reasoning>\nStep 1\nStep 2\n</reasoning>\n<answer>\n42\n</answer>\n"
+
+
+def test_b01_format_rewards_match_multiline_reasoning():
+    strict, soft = fns("gsm8k")["strict_format"], fns("gsm8k")["soft_format"]
+    assert (strict(B01, {}), soft(B01, {})) == (0.5, 0.5)
+    no_close = B01.replace("</answer>", "")
+    assert (strict(no_close, {}), soft(no_close, {})) == (0.0, 0.0)
+    assert (tasks.strict_format(B01, {}, d1_compat=True), tasks.soft_format(B01, {}, d1_compat=True)) == (0.0, 0.0)
+    one_line = "<reasoning>\nStep 1\n</reasoning>\n<answer>\n42\n</answer>\n"  # reference: strict 0.5, soft 0.0
+    assert tasks.strict_format(one_line, {}, d1_compat=True) == 0.5
+    assert tasks.soft_format(one_line, {}, d1_compat=True) == 0.0
+    assert soft("I think.\n" + B01, {}) == 0.5 and strict("I think.\n" + B01, {}) == 0.0
+    xmlcount = fns("gsm8k")["xmlcount"]
+    assert xmlcount(B01, {}) == 0.5 and xmlcount(B01 + "x" * 11, {}) == pytest.approx(0.489)
+
+
+@pytest.mark.parametrize("completion, gold", [
+    ("<answer>The total is 72 clips, altogether.</answer>", "72"),
+    ("<answer>\n8,000\n</answer>", "8000"),
+    ("<answer>\n8000\n</answer>", "8,000"),
+    ("<answer>\\boxed{$9{,}500}</answer>", "9500"),
+    ("<answer>$72</answer>", "72"),
+    ("<answer>72.00</answer>", "72"),
+    ("<answer>-5</answer>", "-5"),
+])
+def test_b02_gsm8k_answers_compare_as_numbers(completion, gold):
+    ex = {"question": "q", "answer": gold}
+    assert fns("gsm8k")["correctness"](completion, ex) == 2.0
+    assert tasks.get_task("gsm8k").score(completion, ex) == 1.0
+
+
+def test_b02_number_extraction():
+    assert tasks.last_number("The total is 72 clips, altogether.") == 72
+    assert tasks.last_number("8,000") == 8000 and tasks.last_number("9{,}500") == 9500
+    assert tasks.last_number(", , ,") is None and tasks.last_number("$-5.") == -5
+    assert tasks.get_task("gsm8k").score("\\boxed{$9{,}500}", {"answer": "9500"}) == 1.0
+    int_reward = fns("gsm8k")["int"]
+    assert int_reward("<answer>-5</answer>", {}) == 0.5 and int_reward("<answer>1,080</answer>", {}) == 0.5
+    assert int_reward("<answer>$72</answer>", {}) == 0.0 and int_reward("<answer>72.5</answer>", {}) == 0.0
+
+
+def test_b03_degenerate_answers_never_score():
+    correct, ex = fns("gsm8k")["correctness"], {"question": "q", "answer": "72"}
+    assert correct("<answer></answer>", ex) == 0.0 and correct("<answer>7</answer>", ex) == 0.0
+    assert correct("<answer>72</answer>", ex) == 2.0 and correct("72", ex) == 0.0  # no answer tag
+    with pytest.warns(UserWarning, match="gold"):
+        assert tasks.get_task("gsm8k").reward(paper(""), {"question": "q", "answer": ""}) < 4.0
+    with pytest.warns(UserWarning, match="gold"):
+        assert fns("gsm8k")["correctness"]("<answer>72</answer>", {"question": "q", "answer": "n/a"}) == 0.0
+    with pytest.warns(UserWarning, match="gold"):
+        assert fns("math")["correctness"]("\\boxed{}", {"problem": "p", "answer": ""}) == 0.0
+    with pytest.warns(UserWarning, match="gold"):  # a MATH solution with no \boxed gives no gold
+        assert fns("math")["correctness"]("\\boxed{4}", tasks._math_row({"problem": "p", "solution": "It is 4."})) == 0.0
+    assert fns("math")["correctness"]("<answer>\\boxed{}</answer>", EXAMPLES["math"]) == 0.0
+    assert not tasks.math_equal("5", "") and not tasks.math_equal("", "")
+    assert fns("countdown")["countdown"]("<answer></answer>", EXAMPLES["countdown"]) == 0.0
+    assert tasks.get_task("sudoku").reward("<answer></answer>", EXAMPLES["sudoku"]) == 0.0
+
+
+def test_b04_last_boxed_with_nested_braces():
+    assert tasks.last_boxed("First guess \\boxed{2}. Correction: \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert tasks.last_boxed("\\boxed{\\sqrt{\\frac{a}{b}}}") == "\\sqrt{\\frac{a}{b}}"
+    assert tasks.last_boxed("... so \\boxed 5$") == "5"
+    assert tasks.last_boxed("no box at all") is None and tasks.last_boxed("\\boxed{\\frac{1}{2}") is None
+    ex = {"problem": "p", "answer": "\\frac{1}{2}"}
+    assert fns("math")["correctness"]("First guess \\boxed{2}. Correction: \\boxed{\\frac{1}{2}}", ex) == 2.0
+    assert fns("math")["correctness"]("no box at all", ex) == 0.0
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("\\frac{2}{3}", "2/3", True), ("\\dfrac{1}{2}", "0.5", True), ("\\frac{1}{2}", "0.51", False),
+    ("\\frac{100}{3}", "33.3", False),  # policy: math-verify rounds floats to 6 decimals, so 33.333333 would match
+    ("1,000", "1000", True),  # policy: thousands separators are stripped (math-verify); the reference says unequal
+    ("(1, 2)", "(1,2)", True), ("x=5", "5", True), ("", "5", False),
+])
+def test_b05_math_equivalence(pred, gold, equal):
+    assert tasks.math_equal(pred, gold) is equal
+    ex = {"problem": "p", "answer": gold}
+    assert fns("math")["correctness"](f"<answer>\\boxed{{{pred}}}</answer>", ex) == 2.0 * equal
+
+
+def test_b06_countdown_multiset_and_exact_values():
+    reward, score = tasks.get_task("countdown").reward, tasks.get_task("countdown").score
+    ex = {"nums": [1, 81, 1, 1], "target": 81}
+    assert reward("<answer>81*1</answer>", ex) == 0.1 and score("\\boxed{81*1}", ex) == 0.0
+    assert reward("<answer>81*1*1*1</answer>", ex) == 1.0
+    assert score("\\boxed{81 \\times 1 \\times 1 \\times 1 = 81}", ex) == 1.0
+    ex = {"nums": [161, 2], "target": 80}
+    assert reward("<answer>161/2</answer>", ex) == 0.1 and score("<answer>161/2</answer>", ex) == 0.0
+    for bad in ["__import__('os').system('1')", "81**1*1*1", "-(1-81)*1*1", "81.0*1*1*1", "81*1*1*1=81", "81 1 1 1"]:
+        assert reward(f"<answer>{bad}</answer>", {"nums": [1, 81, 1, 1], "target": 81}) == 0.0, bad
+    assert tasks.countdown_eval("(100-93)/(30-23)*1") == (Fraction(1), [1, 23, 30, 93, 100])
+    assert tasks.countdown_eval("1/(2-2)") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GSM8K, MATH and Countdown on the real files
+
+@needs_data
+def test_gsm8k_gold_answers_parse_and_paper_completion_gets_max_reward():
+    task = tasks.get_task("gsm8k")
+    for split in (tasks.load_eval("gsm8k"), tasks.load_train("gsm8k")):
+        for ex in split:
+            assert tasks.last_number(ex["answer"]) == Fraction(ex["answer"].replace(",", ""))
+            assert task.reward(tasks.target_completion("gsm8k", ex, style="paper"), ex) == 4.0
+            assert task.score(paper("\\boxed{" + ex["answer"] + "}"), ex) == 1.0
+    assert len(tasks.load_eval("gsm8k")) == 1319 and len(tasks.load_train("gsm8k")) == 7473
+    assert tasks.load_eval("gsm8k", data_dir=DATA) == tasks.load_eval("gsm8k")
+    ex = tasks.load_eval("gsm8k")[0]
+    assert ex["answer"] == "18" and fns("gsm8k")["correctness"](tasks.target_completion("gsm8k", ex), ex) == 2.0
+
+
+@needs_data
+def test_math_paper_completion_gets_max_reward():
+    task, rows = tasks.get_task("math"), tasks.load_eval("math")
+    assert len(rows) == 500 and len(tasks.load_train("math")) == 11998
+    for ex in rows:
+        assert task.reward(tasks.target_completion("math", ex, style="paper"), ex) == 2.75
+        assert task.score(paper("\\boxed{" + ex["answer"] + "}"), ex) == 1.0
+        assert task.reward(tasks.target_completion("math", ex), ex) == 2.75
+
+
+@needs_data
+def test_countdown_published_problems():
+    rows, task = tasks.load_eval("countdown"), tasks.get_task("countdown")
+    assert len(rows) == 256 and rows[0] == {"nums": [30, 100, 93], "target": 23}
+    for ex in rows:
+        expr = solve_countdown(ex["nums"], ex["target"])
+        assert expr is not None, ex
+        assert task.reward(f"<answer>\n{expr}\n</answer>", ex) == 1.0
+        changed = re.sub(r"\d+", lambda m: str(int(m.group()) + 1), expr, count=1)
+        assert task.reward(f"<answer>\n{changed}\n</answer>", ex) < 1.0
+        assert task.reward(tasks.target_completion("countdown", ex), ex) == 1.0  # integer-only solver solves all
+    published = {(tuple(sorted(ex["nums"])), ex["target"]) for ex in rows}
+    train = tasks.load_train("countdown")
+    assert len(train) == tasks.COUNTDOWN_TRAIN_SIZE
+    assert not published & {(tuple(sorted(e["nums"])), e["target"]) for e in train}
+
+
+def test_countdown_generated_sets(monkeypatch):
+    monkeypatch.setattr(tasks, "DATA_DIR_DEFAULT", None)
+    evaluation, train = tasks.load_eval("countdown"), tasks.load_train("countdown")
+    assert len(evaluation) == 256 and evaluation == tasks.load_eval("countdown")
+    keys = {(tuple(sorted(e["nums"])), e["target"]) for e in train}
+    assert len(keys) == len(train) and not keys & {(tuple(sorted(e["nums"])), e["target"]) for e in evaluation}
+    for ex in train[::20] + evaluation:
+        assert len(ex["nums"]) == 3 and all(1 <= n <= 100 for n in ex["nums"] + [ex["target"]])
+        assert tasks.get_task("countdown").reward(tasks.target_completion("countdown", ex), ex) == 1.0
+    assert tasks.build_prompt("countdown", EXAMPLES["countdown"], style="tiny") == "Countdown 30,100,93 -> 23"
+    assert tasks.target_completion("countdown", EXAMPLES["countdown"]) == "<answer>\n93-(100-30)\n</answer>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# API, loading and robustness
+
+def test_api_and_prompts():
+    assert tasks.EVAL_PREFILL == "<reasoning>"
+    max_rewards = {"gsm8k": 4.0, "math": 2.75, "countdown": 1.0, "sudoku": 1.0}
+    assert {n: tasks.get_task(n).max_reward for n in tasks.TASKS} == max_rewards
+    for name in tasks.TASKS:
+        assert sum(FN_MAX[n] * w for n, _, w in tasks.get_task(name).reward_funcs) == tasks.get_task(name).max_reward
+    with pytest.raises(ValueError, match="gsm8k, math, countdown, sudoku"):
+        tasks.get_task("chess")
+    q = {"question": "How many?", "answer": "3"}
+    assert tasks.build_prompt("gsm8k", q) == tasks.SYSTEM_PROMPT + "\n\nHow many?"
+    assert tasks.build_prompt("gsm8k", q, split="eval") == tasks.GSM8K_EVAL_SYS + "\n\nHow many?"
+    countdown_eval = tasks.build_prompt("countdown", EXAMPLES["countdown"], split="eval")
+    assert countdown_eval == tasks.COUNTDOWN_EVAL_SYS + "\n\nNumbers: [30, 100, 93]\nTarget: 23"
+    assert "Using only the numbers [30, 100, 93]" in tasks.build_prompt("countdown", EXAMPLES["countdown"])
+    assert tasks.target_completion("math", EXAMPLES["math"]) == "<answer>\n\\boxed{\\frac{1}{2}}\n</answer>"
+    assert tasks.aggregate("gsm8k", [1.0, 0.0, 1.0, 1.0], [{}] * 4) == {"accuracy": 75.0, "n": 4}
+
+
+def test_offline_without_data_dir_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(tasks, "DATA_DIR_DEFAULT", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="--data-dir"):
+        tasks.load_eval("gsm8k")
+    with pytest.raises(FileNotFoundError, match="gsm8k/test.jsonl"):
+        tasks.load_eval("gsm8k", data_dir=tmp_path)
+
+
+TEXT = st.one_of(st.text(max_size=300), st.lists(st.sampled_from(
+    ["<reasoning>", "</reasoning>", "<answer>", "</answer>", "\n", " ", "\\boxed{", "\\boxed ", "{", "}", "$", "=",
+     "72", "-5", "1,000", "0.5", "\\frac{1}{2}", "30", "100", "93", "+", "-", "*", "/", "(", ")", "**", "0", "x",
+     "4312213434211243", "\\times"]), max_size=40).map("".join))
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=TEXT)
+def test_rewards_and_scores_never_raise_and_stay_in_range(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no internal exception may hide behind the catch-all either
+        for name, task in tasks.TASKS.items():
+            ex = EXAMPLES[name]
+            for fn_name, fn, _ in task.reward_funcs:
+                assert 0.0 <= fn(text, ex) <= FN_MAX[fn_name]
+            assert 0.0 <= task.reward(text, ex) <= task.max_reward
+            assert 0.0 <= task.score(text, ex) <= 1.0
