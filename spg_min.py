@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 ADAM_BETAS = (0.9, 0.99)      # train.yaml:23-25 of the reference
 WARM_START_LR = 1e-3         # supervised warm start of the tiny model (AdamW, batch 64)
-LOGP_CHUNK_ROWS = 2048        # rows of [rows, V] float32 logits alive at once in the loss pass
+LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ class Config:
     data_dir: str | None = None         # local data laid out like ../shared/data (no network)
     eval_file: str | None = None        # optional evaluation file (e.g. the published Sudoku CSV)
     seed: int = 42                      # all randomness derives from (seed, step)
-    max_steps: int = 6000               # optimizer steps (paper App. G.2: 6000/4000/6000/2500)
+    max_steps: int = 1500               # rollout rounds; each feeds mu optimizer steps (paper: 4 x 1500 = 6000)
     # rollouts
     num_prompts: int = 2                # prompts per rollout batch (paper: 16 over 8 GPUs)
     group_size: int = 6                 # g completions per prompt (Eq. 4)
@@ -86,6 +86,7 @@ class Config:
     mu: int = 4                         # inner optimizer steps per rollout batch
     micro_batch: int = 6                # sequences per forward/backward in the loss pass
     # optimisation
+    optimizer: str = "adamw"            # adamw (paper) | nsgd: normalised gradient steps of length lr (tiny preset)
     lr: float = 3e-6
     weight_decay: float = 0.1
     grad_clip: float = 0.2
@@ -101,16 +102,16 @@ class Config:
     cache_dir: str = ".cache"           # warm-start checkpoints are cached here
 
 
-TASK_DEFAULTS = {  # paper App. G.2 and spg_spec.md (e)
-    "gsm8k": dict(max_steps=6000),
-    "math": dict(max_steps=4000),
-    "countdown": dict(max_steps=6000),
-    "sudoku": dict(max_steps=2500, beta=1.0, temperature=0.3),
+TASK_DEFAULTS = {  # paper App. G.2 and spg_spec.md (e): 6000/4000/6000/2500 optimizer steps = rounds x mu (4)
+    "gsm8k": dict(max_steps=1500),
+    "math": dict(max_steps=1000),
+    "countdown": dict(max_steps=1500),
+    "sudoku": dict(max_steps=625, beta=1.0, temperature=0.3),
 }
-TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; see README "CPU quick start"
-    gen_length=24, block_length=8, steps=12, num_prompts=16, group_size=6, mu=2, micro_batch=96,
-    temperature=1.0, lr=1e-3, weight_decay=0.0, grad_clip=1.0, max_steps=120, eval_every=20,
-    eval_batch=256, warm_start_steps=150, max_prompt_length=64, save_every=50,
+TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; see README "CPU quick start" for how it was chosen
+    gen_length=24, block_length=8, steps=12, num_prompts=128, group_size=6, mu=1, micro_batch=96,
+    optimizer="nsgd", lr=0.03, weight_decay=0.0, max_steps=50, eval_every=10,
+    eval_batch=256, warm_start_steps=200, max_prompt_length=64, save_every=10,
 )
 
 
@@ -132,6 +133,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.p_mask_prompt < 1.0, f"p_mask_prompt={cfg.p_mask_prompt} must lie in [0, 1)")
     need(cfg.num_mc >= 1 and cfg.mu >= 1 and cfg.micro_batch >= 1, "num_mc, mu and micro_batch must be >= 1")
     need(cfg.temperature >= 0.0, f"temperature={cfg.temperature} must be >= 0")
+    need(cfg.optimizer in ("adamw", "nsgd"), f"optimizer={cfg.optimizer!r}: choose adamw or nsgd")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,55 +168,66 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids) -> torch.Tensor:
     return stops_before == 0
 
 
-def _random_subset(candidates: torch.Tensor, count: torch.Tensor, generator) -> torch.Tensor:
-    """Exactly count[...] positions chosen uniformly among candidates[..., L] (bool); count <= #candidates."""
-    scores = torch.rand(candidates.shape, generator=generator, device=candidates.device).masked_fill(~candidates, 2.0)
-    rank = scores.argsort(-1).argsort(-1)                                            # 0 = first chosen
+def _uniform(shape, group_ids, generator, device) -> torch.Tensor:
+    """U(0, 1) draws of shape [B, ...]. With group_ids [B], one draw per group, shared by its members
+    (common random numbers: the g completions of a prompt are masked alike, so the gradients of the
+    tokens they share cancel in sum_j A_j grad bound_j, as sum_j A_j = 0; each bound keeps its distribution)."""
+    if group_ids is None:
+        return torch.rand(shape, generator=generator, device=device)
+    _, gid = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(gid.max()) + 1 if gid.numel() else 0                               # 0: no active sequence
+    return torch.rand((n_groups, *shape[1:]), generator=generator, device=device)[gid.to(device)]
+
+
+def _random_subset(candidates, count, u) -> torch.Tensor:
+    """Exactly count[...] positions chosen among candidates[..., L] (bool) by the order of scores u[..., L]."""
+    rank = u.masked_fill(~candidates, 2.0).argsort(-1).argsort(-1)                   # 0 = first chosen
     return candidates & (rank < count.unsqueeze(-1))
 
 
 def block_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_length: int,
-                          p_mask_prompt: float, generator=None):
+                          p_mask_prompt: float, generator=None, group_ids=None):
     """Block-wise masking for the MC bound estimates (Sec. 3.3; reference `forward_type=block_random`).
 
     c [B, Lg] bool completion mask. Per sequence and sample j: choose one of the blocks that hold
     completion tokens uniformly, mask a uniform count 1..n_real of its real tokens, keep earlier blocks
     clean, mask later blocks and everything after the first EOS entirely; then mask prompt and clean
     earlier-block tokens independently with probability p_mask_prompt (unmasked tokens of the chosen
-    block are not perturbed, as in the reference).
+    block are not perturbed, as in the reference). group_ids [B] (optional): share the draws per group.
     Returns masked [B, m, P + Lg] bool and t [B, m] float, the masked fraction of the completion
     (# masked real completion tokens / |c|), used as w(t) = 1/t.
     """
     B, Lg = c.shape
+    u = lambda *shape: _uniform((B, m, *shape), group_ids, generator, c.device)
     n_real = c.sum(-1)                                                               # [B] = |c|
     n_blocks = (n_real - 1) // block_length + 1                                      # [B] non-empty blocks
-    block = (torch.rand(B, m, generator=generator, device=c.device) * n_blocks[:, None]).long()       # [B, m]
-    start = block * block_length                                                     # [B, m]
+    start = (u() * n_blocks[:, None]).long() * block_length                          # [B, m] chosen block
     n_in = (n_real[:, None] - start).clamp(max=block_length)                         # [B, m] real tokens in it
-    count = (torch.rand(B, m, generator=generator, device=c.device) * n_in).long() + 1                # [B, m] in 1..n_in
-    rel = torch.arange(Lg, device=c.device)[None, None, :] - start[..., None]                          # [B, m, Lg]
-    chosen = _random_subset((rel >= 0) & (rel < n_in[..., None]), count, generator)  # [B, m, Lg]
+    count = (u() * n_in).long() + 1                                                  # [B, m] in 1..n_in
+    rel = torch.arange(Lg, device=c.device) - start[..., None]                        # [B, m, Lg]
+    chosen = _random_subset((rel >= 0) & (rel < n_in[..., None]), count, u(Lg))      # [B, m, Lg]
     after = rel >= n_in[..., None]                  # later blocks, and the post-EOS tail of the chosen one
-    earlier = torch.rand(B, m, Lg, generator=generator, device=c.device) < p_mask_prompt
-    comp = chosen | after | (earlier & (rel < 0)) | ~c[:, None, :]                   # [B, m, Lg]
-    prompt = torch.rand(B, m, prompt_len, generator=generator, device=c.device) < p_mask_prompt        # [B, m, P]
+    earlier = (u(Lg) < p_mask_prompt) & (rel < 0)                                    # perturbed clean tokens
+    comp = chosen | after | earlier | ~c[:, None, :]                                 # [B, m, Lg]
+    prompt = u(prompt_len) < p_mask_prompt                                           # [B, m, P]
     t = (comp & c[:, None, :]).sum(-1) / n_real[:, None]                              # [B, m]
     return torch.cat([prompt, comp], -1), t.float()
 
 
 def random_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_length: int = 0,
-                           p_mask_prompt: float, generator=None):
+                           p_mask_prompt: float, generator=None, group_ids=None):
     """Random masking (the paper's Table 4 ablation; reference `forward_type=random`).
 
     A uniform count 1..|c| of the real completion tokens is masked anywhere in the completion, the
-    post-EOS tail is masked, and prompt tokens are masked with probability p_mask_prompt. Same returns
-    as block_forward_process; block_length is unused.
+    post-EOS tail is masked, and prompt tokens are masked with probability p_mask_prompt. Same arguments
+    and returns as block_forward_process; block_length is unused.
     """
     B, Lg = c.shape
+    u = lambda *shape: _uniform((B, m, *shape), group_ids, generator, c.device)
     n_real = c.sum(-1)
-    count = (torch.rand(B, m, generator=generator, device=c.device) * n_real[:, None]).long() + 1    # [B, m] in 1..|c|
-    comp = _random_subset(c[:, None, :].expand(B, m, Lg), count, generator) | ~c[:, None, :]
-    prompt = torch.rand(B, m, prompt_len, generator=generator, device=c.device) < p_mask_prompt
+    count = (u() * n_real[:, None]).long() + 1                                       # [B, m] in 1..|c|
+    comp = _random_subset(c[:, None, :].expand(B, m, Lg), count, u(Lg)) | ~c[:, None, :]
+    prompt = u(prompt_len) < p_mask_prompt
     t = (comp & c[:, None, :]).sum(-1) / n_real[:, None]
     return torch.cat([prompt, comp], -1), t.float()
 
@@ -298,7 +311,7 @@ def hidden_states(model, ids, attention_mask):
     return out.last_hidden_state
 
 
-def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int = LOGP_CHUNK_ROWS):
+def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None):
     """log softmax(head(h))[target] in float32, chunked over rows: h [N, T, d], targets [N, T] -> [N, T].
 
     Under autograd each chunk is checkpointed, so only one chunk of [rows, V] float32 logits is alive at
@@ -308,6 +321,7 @@ def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: in
         logits = head(hc).float()                                                     # [rows, V]
         return logits.gather(-1, tc[:, None])[:, 0] - torch.logsumexp(logits, -1)
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    chunk_rows = chunk_rows or max(1, LOGP_CHUNK_BYTES // (4 * head.out_features))
     if flat_h.shape[0] <= chunk_rows:
         return one_chunk(flat_h, flat_t).view(targets.shape)
     parts = []
@@ -323,6 +337,20 @@ def completion_logprobs(model, z: torch.Tensor, attention_mask: torch.Tensor, ta
     _, head = decoder_and_head(model)
     h = hidden_states(model, z, attention_mask)[:, -targets.shape[1]:]               # [N, Lg, d]
     return target_logprobs(head, h, targets)
+
+
+def sequence_bounds(model, seqs, attention_mask, c, masked, t, *, beta: float, mask_id: int):
+    """ELBO and EUBO [B] of the completions seqs[:, -Lg:] under given masks: one forward pass over B * m copies.
+
+    seqs, attention_mask [B, L]; c [B, Lg] completion mask; masked [B, m, L], t [B, m] from a forward process.
+    """
+    B, m, L = masked.shape
+    Lg = c.shape[1]
+    z = torch.where(masked, mask_id, seqs[:, None])                                   # [B, m, L]
+    logp = completion_logprobs(model, z.view(B * m, L), attention_mask.repeat_interleave(m, 0),
+                               seqs[:, -Lg:].repeat_interleave(m, 0)).view(B, m, Lg)  # [B, m, Lg]
+    counted = masked[..., -Lg:] & c[:, None]                                          # [B, m, Lg]
+    return elbo(logp, counted, t), eubo(logp, counted, t, beta, lengths=c.sum(-1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,9 +373,30 @@ def commit_tokens(block, proposal, confidence, k, mask_id: int):
     return torch.where(chosen, proposal, block)
 
 
+def block_hidden(model, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int, cache=None) -> torch.Tensor:
+    """Final hidden states [B, hi - lo, d] of the current block x[:, lo:hi] (x, attn [B, L]).
+
+    cache=None: one full pass over x, as LLaDA does. Prefix-cache mode (Fast-dLLM's approximate KV cache,
+    arXiv 2505.22618 Sec. 3.1) passes one transformers DynamicCache per block: while it is empty, a full pass
+    fills it; once filled, only x[:, lo:] runs, attending to the keys/values of the prefix x[:, :lo] from the
+    block's first step. Those are stale (they saw the block still masked): an approximation.
+    """
+    if cache is None:
+        return hidden_states(model, x, attn)[:, lo:hi]
+    from model import decoder_and_head
+    decoder, _ = decoder_and_head(model)
+    start = lo if cache.get_seq_length() else 0                                       # reuse, or fill
+    pos = positions_from_mask(attn)
+    # the cache is passed 4th positionally: its keyword is past_key_values in older transformers, cache in newer
+    h = decoder(x[:, start:], attn, pos[:, start:], cache, use_cache=True).last_hidden_state
+    cache.crop(lo - cache.get_seq_length())                                           # keep the prefix only
+    return h[:, lo - start:hi - start]
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, steps, temperature,
-             remasking="low_confidence", mask_id, generator=None):
+             remasking="low_confidence", mask_id, generator=None, threshold: float | None = None,
+             prefix_cache: bool = False):
     """Semi-autoregressive decoding: [B, P] left-padded prompts -> [B, P + Lg] ids.
 
     Blocks of bl tokens left to right; each block gets steps_per_block = steps // K steps, and each
@@ -356,20 +405,28 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
     argmax; T > 0 samples exactly from softmax(logits / T). Positions outside the current block (the
     prompt included, even a literal mask token in it, B26) are never changed. The mask token itself is
     never proposed. Raises ValueError on a schedule that does not divide evenly (B21).
+
+    Two optional fast modes from Fast-dLLM (arXiv 2505.22618), both off by default:
+      threshold: each step commits max(k, #masked positions of the block with confidence > threshold)
+        tokens per row, so the schedule is a floor (a threshold never met decodes exactly as None, and
+        the loop always ends, B22); a block stops as soon as no row has a mask left in it.
+      prefix_cache: later steps of a block reuse the prefix keys/values of its first step (approximate;
+        see block_hidden).
     """
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, and "
                          f"steps={steps} a multiple of the number of blocks {gen_length // max(block_length, 1)}")
     from model import decoder_and_head
+    from transformers import DynamicCache
     _, head = decoder_and_head(model)
     B, P = prompt_ids.shape
     x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], 1)     # [B, L]
     attn = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], 1)     # [B, L]
     schedule = transfer_schedule(block_length, steps // (gen_length // block_length))
     for lo in range(P, P + gen_length, block_length):
-        hi = lo + block_length
+        hi, cache = lo + block_length, DynamicCache() if prefix_cache else None
         for k in schedule:
-            logits = head(hidden_states(model, x, attn)[:, lo:hi]).float()            # [B, bl, V]
+            logits = head(block_hidden(model, x, attn, lo, hi, cache)).float()        # [B, bl, V]
             logits[..., mask_id] = -math.inf
             probs = logits.softmax(-1)                                                # untempered
             if temperature == 0:
@@ -381,7 +438,12 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
                 confidence = torch.rand(B, block_length, generator=generator, device=x.device)
             else:
                 confidence = probs.gather(-1, proposal[..., None])[..., 0]
-            x[:, lo:hi] = commit_tokens(x[:, lo:hi], proposal, confidence, torch.full((B,), k, device=x.device), mask_id)
+            n = torch.full((B,), k, device=x.device)                                  # [B] tokens to commit
+            if threshold is not None:
+                n = torch.maximum(n, ((x[:, lo:hi] == mask_id) & (confidence > threshold)).sum(-1))
+            x[:, lo:hi] = commit_tokens(x[:, lo:hi], proposal, confidence, n, mask_id)
+            if threshold is not None and not (x[:, lo:hi] == mask_id).any():
+                break                                                                 # block done early
     return x
 
 
@@ -472,11 +534,9 @@ def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, e
         targets = targets.to(device)
         c = torch.ones_like(targets, dtype=torch.bool)
         masked, t = random_forward_process(c, ids.shape[1], m=1, p_mask_prompt=0.0, generator=gen)
-        x = torch.cat([ids, targets], 1)
-        z = torch.where(masked[:, 0], mask_id, x)
-        full_attn = torch.cat([attn, torch.ones_like(targets)], 1)
-        logp = completion_logprobs(model, z, full_attn, targets)[:, None]               # [B, 1, Lg]
-        loss = -elbo(logp, masked[..., ids.shape[1]:], t).sum() / targets.numel()
+        elbo_b, _ = sequence_bounds(model, torch.cat([ids, targets], 1), torch.cat([attn, torch.ones_like(targets)], 1),
+                                    c, masked, t, beta=1.0, mask_id=mask_id)          # [B]
+        loss = -elbo_b.sum() / targets.numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -492,7 +552,8 @@ def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"model": trainable, "optimizer": opt.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)}, tmp / "state.pt")
+                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
     os.replace(tmp, final)
     return final
@@ -503,19 +564,27 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_model(cfg: Config):
-    """(model, tokenizer, prompt style). The tiny CPU model, or a LLaDA checkpoint in 4-bit with LoRA."""
+def load_tokenizer(cfg: Config):
+    """(tokenizer, prompt style, special ids), checked before any model is loaded."""
     import model as M
-    if cfg.model == "tiny":
-        tok = M.tiny_tokenizer()
-        return M.tiny_model(len(tok), seed=0), tok, "tiny"
-    if not torch.cuda.is_available() and not Path(cfg.model).is_dir():
+    if cfg.model != "tiny" and not torch.cuda.is_available() and not Path(cfg.model).is_dir():
         raise SystemExit(f"--model {cfg.model} is an 8B model and this machine has no CUDA GPU. "
                          "Use --model tiny to train the small CPU model, or run on a GPU.")
-    tok = M.load_tokenizer(cfg.model)
+    tok = M.tiny_tokenizer() if cfg.model == "tiny" else M.load_tokenizer(cfg.model)
+    ids = M.special_ids(tok)
+    if ids["mask"] not in tok.all_special_ids:
+        raise ValueError(f"mask id {ids['mask']} is an ordinary text token of this tokenizer: the model would "
+                         "confuse text with masks; use a tokenizer with a special mask token")
+    return tok, ("tiny" if cfg.model == "tiny" else "paper"), ids
+
+
+def load_model(cfg: Config, vocab_size: int):
+    """The tiny CPU model, or a LLaDA checkpoint (4-bit NF4 base when cfg.load_in_4bit) with LoRA."""
+    import model as M
+    if cfg.model == "tiny":
+        return M.tiny_model(vocab_size, seed=0)
     net = M.load_llada(cfg.model, load_in_4bit=cfg.load_in_4bit)
-    net = M.add_lora(net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
-    return net.to("cuda") if torch.cuda.is_available() and not cfg.load_in_4bit else net, tok, "paper"
+    return M.add_lora(net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -525,24 +594,31 @@ def train(cfg: Config) -> dict:
     import model as M
     import tasks as T
     from tqdm import tqdm
-    validate(cfg)
+    validate(cfg)                                   # every check comes before data and model loading
+    torch.manual_seed(cfg.seed)                     # the global RNG (LoRA init and dropout) derives from the seed too
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"out={cfg.out} cannot be created ({err}): pass --out with a writable directory") from err
     if not os.access(out, os.W_OK):
-        raise ValueError(f"out={cfg.out} is not writable: pass --out DIR with a writable directory")
+        raise ValueError(f"out={cfg.out} is not writable: pass --out with a writable directory")
+    tok, style, ids = load_tokenizer(cfg)
+    mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     task = T.get_task(cfg.task)
     train_set = T.load_train(cfg.task, cfg.data_dir, seed=cfg.seed)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
-    model, tok, style = load_model(cfg)
-    ids = M.special_ids(tok)
-    mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
+    model = load_model(cfg, len(tok))
     device = next(model.parameters()).device
     if style == "tiny" and cfg.warm_start_steps:
         tag = f"{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}"
         sft_warm_start(model, tok, train_set, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
                        path=Path(cfg.cache_dir) / f"warm_{tag}.pt")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    else:                                             # nsgd: SGD on the gradient scaled to unit norm below
+        opt = torch.optim.SGD(params, lr=cfg.lr)
     start_step, summary = 0, {"config": dataclasses.asdict(cfg)}
     ckpt = latest_checkpoint(out)
     if ckpt is not None:                                  # resume: weights, optimizer, step, RNG
@@ -550,10 +626,14 @@ def train(cfg: Config) -> dict:
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start_step = state["step"]
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else summary
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
+        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
+        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+        summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)
     if "eval_before" not in summary:
@@ -595,24 +675,22 @@ def train(cfg: Config) -> dict:
         for it in range(cfg.mu):
             mask_gen = make_generator(cfg.seed, step, 2, it, device=device)
             opt.zero_grad(set_to_none=True)
+            masked, t = FORWARD_PROCESS[cfg.masking](c[active], P, m=cfg.num_mc, block_length=cfg.block_length,
+                                                     p_mask_prompt=cfg.p_mask_prompt, generator=mask_gen,
+                                                     group_ids=group_ids[active.cpu()])
             loss_sum = torch.zeros((), device=device)
-            for chunk in active.split(cfg.micro_batch) if len(active) else ():
-                b = len(chunk)
-                masked, t = FORWARD_PROCESS[cfg.masking](c[chunk], P, m=cfg.num_mc, block_length=cfg.block_length,
-                                                         p_mask_prompt=cfg.p_mask_prompt, generator=mask_gen)
-                z = torch.where(masked, mask_id, seqs[chunk][:, None])                    # [b, m, L]
-                logp = completion_logprobs(
-                    model, z.view(b * cfg.num_mc, -1), attn[chunk].repeat_interleave(cfg.num_mc, 0),
-                    comp[chunk].repeat_interleave(cfg.num_mc, 0)).view(b, cfg.num_mc, -1)   # [b, m, Lg]
-                counted = masked[..., P:] & c[chunk][:, None]                             # [b, m, Lg]
-                elbo_b = elbo(logp, counted, t)                                           # [b]
-                eubo_b = eubo(logp, counted, t, cfg.beta, lengths=c[chunk].sum(-1))       # [b]
-                loss, bounds = spg_loss(adv[chunk], elbo_b, eubo_b, num_tokens=num_tokens,
+            for lo in range(0, len(active), cfg.micro_batch):             # gradient accumulation
+                idx, sl = active[lo:lo + cfg.micro_batch], slice(lo, lo + cfg.micro_batch)
+                elbo_b, eubo_b = sequence_bounds(model, seqs[idx], attn[idx], c[idx], masked[sl], t[sl],
+                                                 beta=cfg.beta, mask_id=mask_id)      # [b], [b]
+                loss, bounds = spg_loss(adv[idx], elbo_b, eubo_b, num_tokens=num_tokens,
                                         estimator=cfg.estimator, omega=cfg.omega)
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if len(active) else torch.zeros(())
             if torch.isfinite(loss_sum) and torch.isfinite(grad_norm):
+                if cfg.optimizer == "nsgd" and grad_norm > 0:   # a step of length lr along the gradient
+                    torch._foreach_div_([p.grad for p in params if p.grad is not None], grad_norm.clamp(max=cfg.grad_clip))
                 opt.step()
                 nonfinite_in_a_row = 0
             else:                                     # skip the step, count it, abort after too many
@@ -630,6 +708,7 @@ def train(cfg: Config) -> dict:
                "reward/missing": missing, "reward/frac_zero_adv_groups": zero_var,
                "gen/len": c.sum(-1).float().mean().item(), "loss": sum(losses) / len(losses),
                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": cfg.lr, **bounds,
+               "nonfinite_steps": summary.get("nonfinite_steps", 0),                      # skipped so far (cumulative)
                "time/rollout_s": t_rollout, "time/step_s": dt, "tokens_per_s": comp.numel() / t_rollout}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             row["eval"], _ = evaluate_now(f"eval step {step + 1}")

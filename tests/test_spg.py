@@ -228,3 +228,23 @@ def test_schedule_errors():
         S.validate(cfg)
     with pytest.raises(ValueError, match="steps"):
         S.validate(S.Config(gen_length=64, block_length=16, steps=10))
+
+
+def test_group_members_share_masks_and_groups_differ():
+    c = torch.ones(6, 16, dtype=torch.bool)
+    c[2, 10:] = False                                   # a shorter completion in group 0
+    gid = torch.tensor([0, 0, 0, 1, 1, 1])
+    masked, t = S.block_forward_process(c, 5, m=3, block_length=4, p_mask_prompt=0.3, group_ids=gid,
+                                        generator=torch.Generator().manual_seed(4))
+    assert torch.equal(masked[0], masked[1]) and torch.equal(masked[3], masked[5])
+    assert not torch.equal(masked[0], masked[3])
+    assert torch.equal(masked[2, :, :5], masked[0, :, :5])      # shared prompt perturbation
+    assert masked[2, :, 5 + 10:].all()                          # its own post-EOS tail is still masked
+    # each member's masks keep the unshared distribution: the mean mask rate over many draws agrees
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    shared = torch.stack([S.block_forward_process(c[:2], 0, m=1, block_length=4, p_mask_prompt=0.1,
+                                                  group_ids=torch.zeros(2, dtype=torch.long), generator=gen_a)[0]
+                          for _ in range(3000)]).float().mean(0)
+    alone = torch.stack([S.block_forward_process(c[:2], 0, m=1, block_length=4, p_mask_prompt=0.1, generator=gen_b)[0]
+                         for _ in range(3000)]).float().mean(0)
+    assert torch.allclose(shared, alone, atol=0.04)

@@ -1,0 +1,50 @@
+"""Plot training reward and held-out accuracy per step from one or more run directories (metrics.jsonl).
+
+Usage: python bench/plot_curves.py runs/seed1 runs/seed2 runs/seed3 --out docs/sudoku_tiny.png
+"""
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_run(run: Path):
+    """(steps, reward means, eval steps, eval accuracies) of one run; step 0 is the evaluation before RL."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    evals = [(0, summary["eval_before"]["accuracy"])]
+    evals += [(r["step"], r["eval"]["accuracy"]) for r in rows if "eval" in r]
+    if "eval_after" in summary:
+        evals.append((summary["steps"], summary["eval_after"]["accuracy"]))
+    return [r["step"] for r in rows], [r["reward/mean"] for r in rows], *zip(*evals)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("docs/curves.png"))
+    p.add_argument("--title", default="SPG on 4x4 Sudoku, tiny model, CPU")
+    args = p.parse_args()
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in args.runs:
+        steps, reward, eval_steps, acc = read_run(run)
+        ax_r.plot(steps, reward, lw=1, label=run.name)
+        ax_e.plot(eval_steps, acc, marker="o", ms=3, label=run.name)
+    ax_r.set(xlabel="step (rollout batch)", ylabel="mean training reward", title="reward (rollouts, T = 0.3)")
+    ax_e.set(xlabel="step (rollout batch)", ylabel="held-out cell accuracy (%)", title="greedy held-out evaluation")
+    for ax in (ax_r, ax_e):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(args.title)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

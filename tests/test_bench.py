@@ -1,0 +1,126 @@
+"""The fast decoding modes of spg_min.generate, and smoke runs of the two benchmark scripts.
+
+Threshold rule under test (spg_min.generate docstring): each step commits max(k, #masked positions of the block
+whose confidence > threshold) tokens per row, k from the per-block schedule, and a block stops once no row has a
+mask in it. So threshold=None is the default sampler, a threshold never met (> 1) decodes exactly like it with the
+same number of model calls, and a threshold always met (< 0) decodes every block in one call.
+
+Run: python -m pytest -q tests/test_bench.py      (the two bench smoke runs take ~2-3 minutes on 2 cores)
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+import spg_min as S
+
+ROOT = Path(__file__).resolve().parent.parent
+GEN = dict(gen_length=24, block_length=8, steps=12)    # 3 blocks x 4 steps, 2 tokens a step
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = M.tiny_tokenizer()
+    net = M.tiny_model(len(tok), seed=0).eval()
+    ids, attn = S.encode_prompts(tok, ["Sudoku 0310200404001043", "2+2="])   # left-padded batch of 2
+    return net, tok, M.special_ids(tok)["mask"], ids, attn
+
+
+def run(net, ids, attn, mask_id, **kw):
+    """(output ids, number of decoder calls) of one greedy generate."""
+    calls = []
+    decoder, _ = M.decoder_and_head(net)
+    handle = decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    out = S.generate(net, ids, attn, temperature=0.0, mask_id=mask_id, **kw, **GEN)
+    handle.remove()
+    return out, len(calls)
+
+
+def test_threshold_none_is_the_default_sampler(tiny):
+    net, _, mask_id, ids, attn = tiny
+    default, n_default = run(net, ids, attn, mask_id)
+    none, n_none = run(net, ids, attn, mask_id, threshold=None, prefix_cache=False)
+    assert torch.equal(default, none) and n_default == n_none == 12
+
+
+def test_threshold_never_met_falls_back_to_the_schedule(tiny):   # B22: the loop always ends
+    net, _, mask_id, ids, attn = tiny
+    default, _ = run(net, ids, attn, mask_id)
+    out, calls = run(net, ids, attn, mask_id, threshold=1.5)
+    assert torch.equal(out, default) and calls == 12
+    assert not (out[:, ids.shape[1]:] == mask_id).any()
+
+
+def test_threshold_always_met_decodes_each_block_in_one_call(tiny):
+    net, _, mask_id, ids, attn = tiny
+    out, calls = run(net, ids, attn, mask_id, threshold=-1.0)
+    assert calls == 3                                              # one per block, then the block is done
+    assert not (out[:, ids.shape[1]:] == mask_id).any()
+    assert torch.equal(out[:, :ids.shape[1]], ids)                 # the prompt is never changed
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.02, 0.5])
+def test_threshold_leaves_no_mask_and_never_uses_more_calls(tiny, threshold):
+    net, _, mask_id, ids, attn = tiny
+    out, calls = run(net, ids, attn, mask_id, threshold=threshold)
+    assert not (out[:, ids.shape[1]:] == mask_id).any()
+    assert 3 <= calls <= 12
+
+
+def test_prefix_cache_is_exact_with_one_step_per_block(tiny):
+    """With one step per block every call is the block's first, a full pass: nothing cached is reused."""
+    net, _, mask_id, ids, attn = tiny
+    kw = dict(temperature=0.0, mask_id=mask_id, gen_length=24, block_length=8, steps=3)
+    assert torch.equal(S.generate(net, ids, attn, **kw), S.generate(net, ids, attn, prefix_cache=True, **kw))
+
+
+def test_prefix_cache_finishes_and_honours_left_padding(tiny):    # B24 under the cache
+    net, tok, mask_id, ids, attn = tiny
+    out, calls = run(net, ids, attn, mask_id, prefix_cache=True, threshold=0.9)
+    assert not (out[:, ids.shape[1]:] == mask_id).any() and calls <= 12
+    solo_ids, solo_attn = S.encode_prompts(tok, ["2+2="])
+    solo, _ = run(net, solo_ids, solo_attn, mask_id, prefix_cache=True, threshold=0.9)
+    torch.testing.assert_close(out[1, -24:], solo[0, -24:], rtol=0, atol=0)
+
+
+def test_block_hidden_reuses_the_prefix():
+    """A filled cache gives the same block states as a full pass while the sequence is unchanged."""
+    from transformers import DynamicCache
+    net = M.tiny_model(108, seed=1).eval()
+    x = torch.randint(0, 90, (2, 30))
+    attn = torch.ones_like(x)
+    attn[0, :4] = 0
+    cache = DynamicCache()
+    with torch.no_grad():
+        first = S.block_hidden(net, x, attn, 20, 25, cache)         # fills the cache
+        again = S.block_hidden(net, x, attn, 20, 25, cache)         # runs x[:, 20:] only
+        full = S.block_hidden(net, x, attn, 20, 25)
+    assert cache.get_seq_length() == 20
+    torch.testing.assert_close(first, full, rtol=0, atol=0)
+    torch.testing.assert_close(again, full, rtol=1e-5, atol=1e-5)
+
+
+def run_bench(script, tmp_path):
+    out = tmp_path / f"{script}.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out.read_text()
+
+
+def test_decode_bench_quick(tmp_path):
+    table = run_bench("decode", tmp_path)
+    assert "identical to plain (greedy), all shapes: **True**" in table
+    speedups = [float(v) for v in re.findall(r"\| LLaDA proportions[^|]*\| generate\([^|]*\| (?:[^|]*\|){4} ([\d.]+)x",
+                                             table)]
+    assert speedups and min(speedups) >= 3.0                       # fast modes vs plain at LLaDA's vocabulary
+
+
+def test_loss_bench_quick(tmp_path):
+    table = run_bench("loss", tmp_path)
+    assert "equal loss and gradients (all V, all implementations): **True**" in table
+    assert re.search(r"chunk_rows=64: peak tensor memory = 1/[\d.]+ of direct \(meets", table)

@@ -1,0 +1,72 @@
+"""Every configuration error is refused before any model or data is loaded, with a message naming the setting.
+
+Run: python -m pytest -q tests/test_config.py
+"""
+import os
+
+import pytest
+
+import spg_min as S
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model or data set was loaded before the configuration was checked")
+    monkeypatch.setattr(S, "load_model", forbidden)
+    import tasks
+    monkeypatch.setattr(tasks, "load_train", forbidden)
+    monkeypatch.setattr(tasks, "load_eval", forbidden)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(gen_length=60, block_length=16), "block_length"),              # B21
+    (dict(gen_length=64, block_length=16, steps=10), "steps"),
+    (dict(group_size=1), "group_size"),                                  # B15
+    (dict(beta=0.5), "beta"),
+    (dict(omega=1.5), "omega"),
+    (dict(estimator="ppo"), "estimator"),
+    (dict(masking="bernoulli"), "masking"),
+    (dict(p_mask_prompt=1.0), "p_mask_prompt"),
+    (dict(temperature=-1.0), "temperature"),
+])
+def test_bad_setting_is_refused_first(tmp_path, no_loading, overrides, named):
+    cfg = S.Config(task="sudoku", model="tiny", out=str(tmp_path), **overrides)
+    with pytest.raises(ValueError, match=named):
+        S.train(cfg)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits do not bind it")
+def test_unwritable_output_directory(tmp_path, no_loading):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    with pytest.raises(ValueError, match="out"):
+        S.train(S.Config(task="sudoku", model="tiny", out=str(locked / "run")))
+
+
+def test_output_path_that_is_a_file(tmp_path, no_loading):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="out"):
+        S.train(S.Config(task="sudoku", model="tiny", out=str(target)))
+
+
+def test_mask_id_used_for_text_is_refused(monkeypatch, no_loading, tmp_path):
+    import model as M
+    real = M.special_ids
+    monkeypatch.setattr(M, "special_ids", lambda tok: {**real(tok), "mask": tok.convert_tokens_to_ids("a")})
+    with pytest.raises(ValueError, match="mask id"):
+        S.train(S.Config(task="sudoku", model="tiny", out=str(tmp_path)))
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(SystemExit):
+        S.parse_config(["--task", "sudoku", "--no-such-flag", "1"])
+
+
+def test_presets_and_flag_precedence():
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--lr", "0.5"])
+    assert cfg.lr == 0.5 and cfg.beta == 1.0 and cfg.gen_length == S.TINY_PRESET["gen_length"]
+    cfg = S.parse_config(["--task", "gsm8k"])
+    assert cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5

@@ -1,0 +1,120 @@
+"""Decoding (LLaDA semi-AR low-confidence remasking) on the tiny bidirectional model.
+
+Run: python -m pytest -q tests/test_generate.py
+"""
+import pytest
+import torch
+
+import model as M
+import spg_min as S
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = M.tiny_tokenizer()
+    return M.tiny_model(len(tok), seed=0).eval(), tok, M.special_ids(tok)["mask"]
+
+
+def record_inputs(net):
+    """Capture the input_ids of every decoder call."""
+    seen = []
+    decoder, _ = M.decoder_and_head(net)
+    handle = decoder.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].clone()),
+                                               with_kwargs=True)
+    return seen, handle
+
+
+def test_per_block_schedule_and_no_mask_left(tiny):  # B21
+    net, tok, mask_id = tiny
+    ids, attn = S.encode_prompts(tok, ["Sudoku 0310200404001043", "hi"])
+    P = ids.shape[1]
+    seen, handle = record_inputs(net)
+    out = S.generate(net, ids, attn, gen_length=64, block_length=16, steps=16, temperature=0.0, mask_id=mask_id)
+    handle.remove()
+    assert len(seen) == 16                                        # 4 blocks x 4 steps, one call each
+    assert not (out[:, P:] == mask_id).any()
+    assert torch.equal(out[:, :P], ids)                           # the prompt is never changed
+    snapshots = seen + [out]
+    for i in range(16):
+        block = i // 4
+        lo, hi = P + 16 * block, P + 16 * (block + 1)
+        newly = (snapshots[i] == mask_id) & (snapshots[i + 1] != mask_id)
+        assert newly[:, lo:hi].sum(-1).tolist() == [4, 4]         # schedule [4, 4, 4, 4] in every block
+        assert not newly[:, :lo].any() and not newly[:, hi:].any()  # only the current block changes
+
+
+def test_uneven_schedule_within_block(tiny):
+    net, tok, mask_id = tiny
+    ids, attn = S.encode_prompts(tok, ["abc"])
+    seen, handle = record_inputs(net)
+    out = S.generate(net, ids, attn, gen_length=16, block_length=16, steps=3, temperature=0.0, mask_id=mask_id)
+    handle.remove()
+    counts = [int(((a == mask_id) & (b != mask_id)).sum()) for a, b in zip(seen, seen[1:] + [out])]
+    assert counts == [6, 5, 5]
+
+
+def test_bad_schedule_raises(tiny):
+    net, tok, mask_id = tiny
+    ids, attn = S.encode_prompts(tok, ["abc"])
+    with pytest.raises(ValueError, match="block_length"):
+        S.generate(net, ids, attn, gen_length=60, block_length=16, steps=4, temperature=0.0, mask_id=mask_id)
+    with pytest.raises(ValueError, match="steps"):
+        S.generate(net, ids, attn, gen_length=64, block_length=16, steps=10, temperature=0.0, mask_id=mask_id)
+
+
+def test_greedy_independent_of_batch_and_padding(tiny):  # B24
+    net, tok, mask_id = tiny
+    prompts = ["2+2=", "a thirty character long prompt", "Sudoku 0310200404001043"]
+    kw = dict(gen_length=16, block_length=8, steps=8, temperature=0.0, mask_id=mask_id)
+    ids, attn = S.encode_prompts(tok, prompts)
+    together = S.generate(net, ids, attn, **kw)
+    assert (attn == 0).any()                                      # the short prompts really are left-padded
+    for row, p in enumerate(prompts):
+        one_ids, one_attn = S.encode_prompts(tok, [p])
+        alone = S.generate(net, one_ids, one_attn, **kw)
+        assert torch.equal(together[row, -16:], alone[0, -16:])
+
+
+def test_literal_mask_token_in_prompt_is_never_decoded(tiny):  # B26
+    net, tok, mask_id = tiny
+    ids, attn = S.encode_prompts(tok, ["keep <|mdm_mask|> this"])
+    assert (ids == mask_id).any()
+    out = S.generate(net, ids, attn, gen_length=8, block_length=8, steps=4, temperature=0.0, mask_id=mask_id)
+    assert torch.equal(out[:, :ids.shape[1]], ids)
+    assert not (out[:, ids.shape[1]:] == mask_id).any()
+
+
+def test_sampling_reproducible_with_generator_and_random_remasking(tiny):
+    net, tok, mask_id = tiny
+    ids, attn = S.encode_prompts(tok, ["abc", "de"])
+    kw = dict(gen_length=16, block_length=8, steps=8, temperature=0.9, mask_id=mask_id)
+    a = S.generate(net, ids, attn, generator=torch.Generator().manual_seed(3), **kw)
+    b = S.generate(net, ids, attn, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b)
+    r = S.generate(net, ids, attn, remasking="random", generator=torch.Generator().manual_seed(3), **kw)
+    assert not (r == mask_id).any()
+
+
+def test_temperature_samples_from_tempered_softmax():
+    """With a model whose logits are fixed, the committed tokens follow softmax(logits / T)."""
+    V, T = 4, 0.5
+    logits = torch.tensor([1.0, 0.0, -1.0, -30.0])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return type("Out", (), {"last_hidden_state": torch.zeros(*input_ids.shape, 1)})()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Fixed()
+            self.lm_head = lambda h: logits.expand(*h.shape[:-1], V).clone()
+
+    counts = torch.zeros(V)
+    out = S.generate(Net(), torch.zeros(4000, 1, dtype=torch.long), torch.ones(4000, 1, dtype=torch.long),
+                     gen_length=1, block_length=1, steps=1, temperature=T, mask_id=3,
+                     generator=torch.Generator().manual_seed(0))
+    counts += torch.bincount(out[:, 1], minlength=V)
+    expected = torch.softmax(logits[:3] / T, -1)
+    assert counts[3] == 0                                          # the mask token is never proposed
+    assert torch.allclose(counts[:3] / 4000, expected, atol=0.03)

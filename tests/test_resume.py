@@ -1,0 +1,269 @@
+"""Nothing lost: a run killed anywhere resumes to the same weights and metrics; SIGINT/SIGTERM save and exit 130;
+non-finite steps are skipped (B10); the same seed gives the same run.
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_resume.py      (about a minute on 2 CPU cores)
+
+Training runs in a subprocess through a small runner (written to tmp) that swaps the Sudoku reward for one that
+differs between completions (so that advantages are non-zero and the weights move) and adds the test hooks: pause
+inside step N until a file appears, or die inside the Nth torch.save. Each hook fires once, guarded by a marker file,
+so the resumed run is the same command in the same environment and runs clean.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+import spg_min as S
+import tasks as T
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--task", "sudoku", "--model", "tiny", "--num-prompts", "2", "--group-size", "3", "--gen-length", "8",
+        "--block-length", "4", "--steps", "2", "--warm-start-steps", "0", "--eval-n", "8", "--eval-batch", "8",
+        "--micro-batch", "6", "--optimizer", "adamw", "--lr", "1e-3", "--temperature", "1.0", "--max-steps", "4"]
+TIMING = ("time/", "tokens_per_s")
+
+
+def chars_reward(completion, example):
+    """Deterministic in the text and varied across completions: the sum of character codes mod 5, in [0, 1]."""
+    return sum(map(ord, completion)) % 5 / 4
+
+
+RUNNER = f"""
+import dataclasses, os, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
+import torch, tasks as T, spg_min as S
+from test_resume import chars_reward
+real_get_task = T.get_task
+T.get_task = lambda name: dataclasses.replace(real_get_task(name), reward_funcs=(("chars", chars_reward, 1.0),))
+env = os.environ.get
+def fire():                                    # each hook fires once: the marker file disarms it for the resume
+    if not env("HOOK_MARK") or Path(env("HOOK_MARK")).exists():
+        return False
+    Path(env("HOOK_MARK")).touch()
+    return True
+def pause():                                   # hold here until the test has done its thing
+    while not Path(env("GO")).exists():
+        time.sleep(0.01)
+calls, real_score = [0], S.score_rewards
+def score_rewards(*a, **k):                    # called once per step, after the rollouts
+    calls[0] += 1
+    if env("PAUSE_IN") == "rewards" and calls[0] == int(env("PAUSE_AT_STEP")) and fire():
+        pause()
+    return real_score(*a, **k)
+real_ckpt = S.save_checkpoint
+def save_checkpoint(out, step, *a, **k):       # the step's metrics row is written, its checkpoint not yet
+    if env("PAUSE_IN") == "save" and step == int(env("PAUSE_AT_STEP")) and fire():
+        pause()
+    return real_ckpt(out, step, *a, **k)
+saves, real_save = [0], torch.save
+def save(obj, f, *a, **k):                     # die in the Nth write, leaving half a file behind
+    saves[0] += 1
+    real_save(obj, f, *a, **k)
+    if saves[0] == int(env("DIE_AT_SAVE", "0")) and fire():
+        os.truncate(f, os.path.getsize(f) // 2)
+        os._exit(9)
+S.score_rewards, S.save_checkpoint, torch.save = score_rewards, save_checkpoint, save
+S.train(S.parse_config(sys.argv[1:]))
+"""
+
+
+def start(tmp, out, extra=(), **hooks):
+    runner = tmp / "runner.py"
+    runner.write_text(RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in hooks.items()}}
+    cmd = [sys.executable, str(runner), *ARGS, "--out", str(out), "--cache-dir", str(tmp / "cache"), *extra]
+    log = open(tmp / f"{out.name}.log", "a")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc, tmp, out, rc=0):
+    assert proc.wait(timeout=300) == rc, (tmp / f"{out.name}.log").read_text()[-3000:]
+
+
+def wait_for(path, proc, tmp, out, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, (tmp / f"{out.name}.log").read_text()[-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def ckpts(out):
+    return sorted(p.name for p in out.glob("ckpt_*"))
+
+
+def state(out, step):
+    return torch.load(out / f"ckpt_{step:06d}" / "state.pt", map_location="cpu", weights_only=False)
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 4-step run, checkpoint every step."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "ref"
+    finish(start(tmp, out, ["--save-every", "1"]), tmp, out)
+    first, last = state(out, 1)["model"], state(out, 4)["model"]
+    assert not same_tensors(first, last), "the reference run must move the weights, or the comparisons prove nothing"
+    return out
+
+
+def assert_same_run(out, reference):
+    assert same_tensors(state(out, 4)["model"], state(reference, 4)["model"])
+    assert metrics(out) == metrics(reference)
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    summary, ref = (json.loads((o / "summary.json").read_text()) for o in (out, reference))
+    assert summary["eval_after"] == ref["eval_after"] and summary["steps"] == 4
+    assert not list(out.glob(".tmp_ckpt_*"))
+
+
+@pytest.mark.parametrize("where", ["rewards", "save"])
+def test_sigkill_mid_step_resumes_to_the_same_run(tmp_path, reference, where):
+    """SIGKILL inside step 3: after its rollouts, or after its metrics row but before its checkpoint."""
+    out, hooks = tmp_path / "run", dict(PAUSE_IN=where, PAUSE_AT_STEP=3, HOOK_MARK=tmp_path / "mark",
+                                        GO=tmp_path / "go")
+    proc = start(tmp_path, out, ["--save-every", "1"], **hooks)
+    wait_for(tmp_path / "mark", proc, tmp_path, out)
+    proc.kill()
+    finish(proc, tmp_path, out, rc=-signal.SIGKILL)
+    assert ckpts(out) == ["ckpt_000001", "ckpt_000002"]
+    assert len(metrics(out)) == (3 if where == "save" else 2)       # a row past the checkpoint is dropped on resume
+    finish(start(tmp_path, out, ["--save-every", "1"], **hooks), tmp_path, out)
+    assert_same_run(out, reference)
+
+
+def test_kill_inside_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, reference):
+    out, hooks = tmp_path / "run", dict(DIE_AT_SAVE=2, HOOK_MARK=tmp_path / "mark")
+    finish(start(tmp_path, out, ["--save-every", "1"], **hooks), tmp_path, out, rc=9)
+    assert ckpts(out) == ["ckpt_000001"]
+    assert (out / ".tmp_ckpt_000002" / "state.pt").exists()          # the half-written one is never picked up
+    assert S.latest_checkpoint(out).name == "ckpt_000001"
+    finish(start(tmp_path, out, ["--save-every", "1"], **hooks), tmp_path, out)
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, reference, sig):
+    """The signal arrives inside step 2; with --save-every 100 the only checkpoint is the one the signal asks for."""
+    out, hooks = tmp_path / "run", dict(PAUSE_IN="rewards", PAUSE_AT_STEP=2, HOOK_MARK=tmp_path / "mark",
+                                        GO=tmp_path / "go")
+    proc = start(tmp_path, out, ["--save-every", "100"], **hooks)
+    wait_for(tmp_path / "mark", proc, tmp_path, out)
+    proc.send_signal(sig)
+    (tmp_path / "go").touch()                                        # let step 2 finish
+    finish(proc, tmp_path, out, rc=130)
+    assert ckpts(out) == ["ckpt_000002"] and len(metrics(out)) == 2
+    finish(start(tmp_path, out, ["--save-every", "100"], **hooks), tmp_path, out)
+    assert ckpts(out) == ["ckpt_000002", "ckpt_000004"]
+    assert_same_run(out, reference)
+
+
+# ---------------------------------------------------------------- in-process runs
+
+@pytest.fixture()
+def inproc(monkeypatch):
+    """train() in this process with the varied reward; the signal handlers it installs are put back afterwards."""
+    real_get_task = T.get_task
+    monkeypatch.setattr(T, "get_task", lambda name: __import__("dataclasses").replace(
+        real_get_task(name), reward_funcs=(("chars", chars_reward, 1.0),)))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield lambda out, *extra: S.train(S.parse_config(ARGS + ["--out", str(out), "--cache-dir", str(out / "cache"),
+                                                            "--save-every", "1", *extra]))
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def nan_in_logits(monkeypatch, times):
+    """Put a NaN into one sequence's logits in the next `times` loss passes (not in rollouts or evaluation)."""
+    left, real_load = [times], S.load_model
+
+    def hook(module, inputs, logits):               # logits [B * m * Lg, V], sequence by sequence
+        if torch.is_grad_enabled() and left[0] > 0:
+            left[0] -= 1
+            logits = logits.clone()
+            logits[:16, 5] = float("nan")            # sequence 0: m * Lg = 2 * 8 rows
+            return logits
+
+    def load_model(cfg, vocab_size):
+        net = real_load(cfg, vocab_size)
+        M.decoder_and_head(net)[1].register_forward_hook(hook)
+        return net
+    monkeypatch.setattr(S, "load_model", load_model)
+    return left
+
+
+class Crash(Exception):
+    pass
+
+
+def all_finite(tensors):
+    return all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+def test_nan_logits_skip_the_step_and_training_goes_on(tmp_path, inproc, monkeypatch):  # B10
+    left = nan_in_logits(monkeypatch, times=1)
+    out, calls, real_score = tmp_path / "run", [0], S.score_rewards
+
+    def crash_in_step_3(*args):                     # a crash after two steps: summary.json still lacks the count
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Crash
+        return real_score(*args)
+    monkeypatch.setattr(S, "score_rewards", crash_in_step_3)
+    with pytest.raises(Crash):
+        inproc(out, "--max-steps", "3")
+    assert left[0] == 0 and ckpts(out) == ["ckpt_000001", "ckpt_000002"]
+    summary = inproc(out, "--max-steps", "3")                       # resumed: the count survives
+    assert summary["nonfinite_steps"] == 1 and "eval_after" in summary
+    assert [r["nonfinite_steps"] for r in metrics(out)] == [1, 1, 1]   # the first loss pass is in step 1 here
+    initial = {n: p for n, p in M.tiny_model(len(M.tiny_tokenizer()), seed=0).named_parameters()}
+    s1, s3 = state(out, 1), state(out, 3)
+    assert same_tensors(s1["model"], initial) and s1["optimizer"]["state"] == {}   # step 1 skipped: nothing moved
+    assert not same_tensors(s3["model"], initial)                                 # steps 2 and 3 trained
+    for step in (1, 2, 3):
+        st = state(out, step)
+        assert all_finite(st["model"].values())
+        assert all_finite(v for per_param in st["optimizer"]["state"].values() for v in per_param.values())
+
+
+def test_ten_nonfinite_steps_in_a_row_abort(tmp_path, inproc, monkeypatch):
+    nan_in_logits(monkeypatch, times=10**6)
+    with pytest.raises(RuntimeError, match="10 non-finite"):
+        inproc(tmp_path / "run", "--mu", "10", "--max-steps", "2")
+
+
+def test_batch_with_every_advantage_zero_trains_on(tmp_path):  # B12 in the loop: nothing active, no crash
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        S.train(S.parse_config(ARGS + ["--out", str(tmp_path), "--max-steps", "1"]))   # Sudoku reward: all 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    row, = metrics(tmp_path)
+    assert row["reward/frac_zero_adv_groups"] == 1.0 and row["loss"] == 0.0 and row["grad_norm"] == 0.0
+
+
+def test_same_seed_same_run(tmp_path, inproc):
+    runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, seed in zip(runs, ["42", "42", "7"]):
+        inproc(out, "--max-steps", "3", "--seed", seed)
+    a, b, c = runs
+    assert metrics(a) == metrics(b) and metrics(a) != metrics(c)
+    assert same_tensors(state(a, 3)["model"], state(b, 3)["model"])
+    assert (a / "eval_generations.jsonl").read_text() == (b / "eval_generations.jsonl").read_text()
