@@ -70,3 +70,15 @@ def test_presets_and_flag_precedence():
     assert cfg.lr == 0.5 and cfg.beta == 1.0 and cfg.gen_length == S.TINY_PRESET["gen_length"]
     cfg = S.parse_config(["--task", "gsm8k"])
     assert cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
+
+
+def test_prompts_over_the_limit_are_refused_whole_never_truncated():
+    import model as M
+    tok = M.tiny_tokenizer()
+    examples = [{"id": 0}, {"id": 1}, {"id": 2}]
+    contents = ["short", "a much longer prompt " * 5, "mid length"]
+    limit = len(tok(S.prompt_texts(tok, ["mid length"]), add_special_tokens=False)["input_ids"][0])
+    kept = S.within_prompt_limit(tok, examples, contents, limit)
+    assert [ex["id"] for ex in kept] == [0, 2]
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        S.within_prompt_limit(tok, examples, contents, 3)

@@ -108,3 +108,20 @@ def test_main_job_end_to_end_smoke(tmp_path):
         assert key in rows[0]
     assert 0.0 <= rows[0]["reward/mean"] <= 1.0
     assert len(list((tmp_path / "cache").glob("warm_*.pt"))) == 1
+
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "llada_tiny"
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="needs ../shared/fixtures/llada_tiny beside the checkout")
+def test_llada_format_4bit_lora_path_end_to_end(tmp_path):
+    """`--task gsm8k --model <LLaDA-format dir>`: 4-bit NF4 base + LoRA, paper prompts, whole loop, on CPU."""
+    cmd = [sys.executable, str(ROOT / "spg_min.py"), "--task", "gsm8k", "--model", str(FIXTURE), "--max-steps", "2",
+           "--out", str(tmp_path), "--gen-length", "32", "--block-length", "16", "--steps", "4", "--num-prompts", "1",
+           "--group-size", "2", "--mu", "1", "--eval-n", "4", "--eval-batch", "4", "--lora-rank", "8",
+           "--lora-alpha", "16", "--max-prompt-length", "600"]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, capture_output=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_after"]["n"] == 4
+    state = torch.load(tmp_path / "ckpt_000002" / "state.pt", weights_only=False)
+    assert state["model"] and all("lora_" in name for name in state["model"])   # only the adapter is trainable

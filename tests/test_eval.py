@@ -1,0 +1,31 @@
+"""eval.py: the paper's evaluation protocol on the tiny model, with a checkpoint as the adapter.
+
+Run: python -m pytest -q tests/test_eval.py
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import model as M
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_eval_writes_generations_and_table(tmp_path):
+    tok = M.tiny_tokenizer()
+    net = M.tiny_model(len(tok), seed=3)
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"model": dict(net.named_parameters())}, tmp_path / "ckpt" / "state.pt")
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--task", "sudoku", "--model", "tiny", "--adapter",
+           str(tmp_path / "ckpt"), "--gen-lengths", "24", "16", "--block-length", "8", "--n", "6",
+           "--out", str(tmp_path / "ev")]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, capture_output=True)
+    for length in (24, 16):
+        rows = [json.loads(line) for line in (tmp_path / "ev" / f"generations_sudoku_{length}.jsonl").open()]
+        assert len(rows) == 6 and all({"completion", "score", "answer", "example"} <= set(r) for r in rows)
+        assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    table = (tmp_path / "ev" / "results_sudoku.md").read_text().splitlines()
+    assert table[0].startswith("| length | accuracy") and len(table) == 4
