@@ -26,7 +26,7 @@ import tasks as T
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--task", "sudoku", "--model", "tiny", "--num-prompts", "2", "--group-size", "3", "--gen-length", "8",
         "--block-length", "4", "--steps", "2", "--warm-start-steps", "0", "--eval-n", "8", "--eval-batch", "8",
-        "--micro-batch", "6", "--lr", "1e-3", "--temperature", "1.0", "--max-steps", "4"]
+        "--micro-batch", "6", "--mu", "1", "--lr", "1e-3", "--temperature", "1.0", "--max-steps", "4"]
 TIMING = ("time/", "tokens_per_s")
 
 
