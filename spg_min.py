@@ -28,7 +28,9 @@ Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; s
      exactly from softmax(logits / T) (reference: bf16 Gumbel noise);
   5. block choice uniform over the blocks holding completion tokens (reference: randperm(K) % n_blocks);
   6. groups with identical rewards have advantage exactly 0 and are skipped in the loss pass (same
-     gradient, less compute).
+     gradient, less compute);
+  7. the g completions of a prompt share their mask draws (common random numbers): the tokens they share
+     then get gradients that cancel in sum_j A_j grad bound_j (sum_j A_j = 0), which cuts the noise.
 
 Run:  python spg_min.py --task sudoku --model tiny        # CPU, small model, minutes
       python spg_min.py --task gsm8k                      # one GPU: LLaDA-8B-Instruct, 4-bit NF4 + LoRA
@@ -43,11 +45,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ADAM_BETAS = (0.9, 0.99)      # train.yaml:23-25 of the reference
@@ -98,6 +99,7 @@ class Config:
     eval_batch: int = 8
     warm_start_steps: int = 0           # supervised masked-diffusion steps before RL (tiny model only)
     save_every: int = 100               # checkpoint every N steps (and at the end)
+    resume: str = "auto"                # auto: newest checkpoint under --out | none: start fresh | a ckpt_* dir
     cache_dir: str = ".cache"           # warm-start checkpoints are cached here
 
 
@@ -132,6 +134,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.p_mask_prompt < 1.0, f"p_mask_prompt={cfg.p_mask_prompt} must lie in [0, 1)")
     need(cfg.num_mc >= 1 and cfg.mu >= 1 and cfg.micro_batch >= 1, "num_mc, mu and micro_batch must be >= 1")
     need(cfg.temperature >= 0.0, f"temperature={cfg.temperature} must be >= 0")
+    need(cfg.resume in ("auto", "none") or (Path(cfg.resume) / "state.pt").exists(),
+         f"resume={cfg.resume!r}: pass auto, none, or a checkpoint directory holding state.pt")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -608,7 +612,6 @@ def load_model(cfg: Config, vocab_size: int):
 # Training: rollouts -> rewards -> advantages -> mu inner updates -> log -> maybe eval / save.
 
 def train(cfg: Config) -> dict:
-    import model as M
     import tasks as T
     from tqdm import tqdm
     validate(cfg)                                   # every check comes before data and model loading
@@ -620,6 +623,8 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"out={cfg.out} cannot be created ({err}): pass --out with a writable directory") from err
     if not os.access(out, os.W_OK):
         raise ValueError(f"out={cfg.out} is not writable: pass --out with a writable directory")
+    if cfg.resume == "none" and (out / "metrics.jsonl").exists():
+        raise ValueError(f"out={cfg.out} already holds a run: pass a new --out, or --resume auto to continue it")
     tok, style, ids = load_tokenizer(cfg)
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     task = T.get_task(cfg.task)
@@ -636,7 +641,7 @@ def train(cfg: Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
     start_step, summary = 0, {"config": dataclasses.asdict(cfg)}
-    ckpt = latest_checkpoint(out)
+    ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
     if ckpt is not None:                                  # resume: weights, optimizer, step, RNG
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"], strict=False)

@@ -82,3 +82,15 @@ def test_prompts_over_the_limit_are_refused_whole_never_truncated():
     assert [ex["id"] for ex in kept] == [0, 2]
     with pytest.raises(ValueError, match="max_prompt_length"):
         S.within_prompt_limit(tok, examples, contents, 3)
+
+
+def test_resume_from_a_missing_checkpoint_is_refused(tmp_path, no_loading):
+    with pytest.raises(ValueError, match="resume"):
+        S.train(S.Config(task="sudoku", model="tiny", out=str(tmp_path), resume=str(tmp_path / "ckpt_000007")))
+
+
+def test_fresh_start_into_an_existing_run_is_refused(tmp_path, no_loading):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="resume"):
+        S.train(S.Config(task="sudoku", model="tiny", out=str(tmp_path), resume="none"))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'          # nothing lost
