@@ -13,14 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_run(run: Path):
-    """(steps, reward means, eval steps, eval accuracies) of one run; step 0 is the evaluation before RL."""
+    """(steps, reward means, rollout temperature, eval steps, eval accuracies); step 0 is the evaluation before RL."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     evals = [(0, summary["eval_before"]["accuracy"])]
     evals += [(r["step"], r["eval"]["accuracy"]) for r in rows if "eval" in r]
     if "eval_after" in summary:
         evals.append((summary["steps"], summary["eval_after"]["accuracy"]))
-    return [r["step"] for r in rows], [r["reward/mean"] for r in rows], *zip(*evals)
+    return [r["step"] for r in rows], [r["reward/mean"] for r in rows], summary["config"]["temperature"], *zip(*evals)
 
 
 def main():
@@ -31,10 +31,10 @@ def main():
     args = p.parse_args()
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in args.runs:
-        steps, reward, eval_steps, acc = read_run(run)
+        steps, reward, temperature, eval_steps, acc = read_run(run)
         ax_r.plot(steps, reward, lw=1, label=run.name)
         ax_e.plot(eval_steps, acc, marker="o", ms=3, label=run.name)
-    ax_r.set(xlabel="step (rollout batch)", ylabel="mean training reward", title="reward (rollouts, T = 0.3)")
+    ax_r.set(xlabel="step (rollout batch)", ylabel="mean training reward", title=f"reward of the rollouts (T = {temperature})")
     ax_e.set(xlabel="step (rollout batch)", ylabel="held-out cell accuracy (%)", title="greedy held-out evaluation")
     for ax in (ax_r, ax_e):
         ax.grid(alpha=0.3)
