@@ -85,7 +85,7 @@ class Config:
     p_mask_prompt: float = 0.15         # chance to mask each prompt / clean-block token
     masking: str = "block"              # block (paper) | random (Table 4 ablation)
     mu: int = 4                         # inner optimizer steps per rollout batch
-    micro_batch: int = 6                # sequences per forward/backward in the loss pass
+    micro_batch: int = 2                # sequences per forward/backward in the loss pass (24 GB: bench/memory.py)
     # optimisation
     lr: float = 3e-6
     weight_decay: float = 0.1

@@ -124,3 +124,14 @@ def test_loss_bench_quick(tmp_path):
     table = run_bench("loss", tmp_path)
     assert "equal loss and gradients (all V, all implementations): **True**" in table
     assert re.search(r"chunk_rows=64: peak tensor memory = 1/[\d.]+ of direct \(meets", table)
+
+
+def test_memory_estimate_adds_up():
+    """bench/memory.py without a GPU: the shape-based estimate for LLaDA-8B at the single-GPU defaults."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--estimate"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ") and "GB" not in line]
+    parts = {name.strip(): float(gb.strip(" *")) for name, gb in rows}
+    total = parts.pop("**total**")
+    assert abs(sum(parts.values()) - total) < 0.02 and 10 < total < 24     # fits a 24 GB card by this estimate
+    assert parts["NF4 weights (0.5 B + double-quant constants)"] == pytest.approx(3.26, abs=0.01)
