@@ -51,6 +51,9 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import model as M
+import tasks as T
+
 ADAM_BETAS = (0.9, 0.99)      # train.yaml:23-25 of the reference
 WARM_START_LR = 1e-3         # supervised warm start of the tiny model (AdamW, batch 64)
 LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
@@ -307,8 +310,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def hidden_states(model, ids, attention_mask):
     """[B, L] ids -> [B, L, d] final hidden states of the (bidirectional) decoder."""
-    from model import decoder_and_head
-    decoder, _ = decoder_and_head(model)
+    decoder, _ = M.decoder_and_head(model)
     out = decoder(input_ids=ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask))
     return out.last_hidden_state
 
@@ -335,8 +337,7 @@ def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: in
 
 def completion_logprobs(model, z: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor):
     """log pi(x_k | z) at the Lg completion positions: z [N, L] (masked input), targets [N, Lg] -> [N, Lg]."""
-    from model import decoder_and_head
-    _, head = decoder_and_head(model)
+    _, head = M.decoder_and_head(model)
     h = hidden_states(model, z, attention_mask)[:, -targets.shape[1]:]               # [N, Lg, d]
     return target_logprobs(head, h, targets)
 
@@ -385,8 +386,7 @@ def block_hidden(model, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int, c
     """
     if cache is None:
         return hidden_states(model, x, attn)[:, lo:hi]
-    from model import decoder_and_head
-    decoder, _ = decoder_and_head(model)
+    decoder, _ = M.decoder_and_head(model)
     start = lo if cache.get_seq_length() else 0                                       # reuse, or fill
     pos = positions_from_mask(attn)
     # the cache is passed 4th positionally: its keyword is past_key_values in older transformers, cache in newer
@@ -418,9 +418,8 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, and "
                          f"steps={steps} a multiple of the number of blocks {gen_length // max(block_length, 1)}")
-    from model import decoder_and_head
     from transformers import DynamicCache
-    _, head = decoder_and_head(model)
+    _, head = M.decoder_and_head(model)
     B, P = prompt_ids.shape
     x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], 1)     # [B, L]
     attn = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], 1)     # [B, L]
@@ -511,7 +510,6 @@ def score_rewards(task, texts: list[str], examples: list[dict]):
 def evaluate(model, tok, task, examples, cfg: Config, *, style: str, mask_id: int, stop_ids, desc="eval"):
     """Greedy held-out evaluation, the paper's protocol: T = 0, block bl, steps = Lg / 2. Returns (metrics, rows)."""
     from tqdm import tqdm
-    import tasks as T
     prefill = T.EVAL_PREFILL if style == "paper" else ""
     device = next(model.parameters()).device
     was_training, rows = model.training, []
@@ -535,7 +533,6 @@ def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, e
     Completions are padded with EOS to Lg and every position is trained, as in LLaDA's SFT. The budget
     is deliberately short so that RL has room to improve the model.
     """
-    import tasks as T
     from tqdm import tqdm
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
@@ -567,6 +564,11 @@ def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, e
     os.replace(path.with_suffix(".tmp"), path)
 
 
+def warm_start_path(cfg: Config) -> Path:
+    """Where the tiny model's warm start is cached: one file per task, generation length and budget."""
+    return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}.pt"
+
+
 def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
     """Trainable weights, optimizer, step, RNG state and config, written to a temporary name and renamed."""
     final, tmp = out / f"ckpt_{step:06d}", out / f".tmp_ckpt_{step:06d}"
@@ -587,7 +589,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def load_tokenizer(cfg: Config):
     """(tokenizer, prompt style, special ids), checked before any model is loaded."""
-    import model as M
     if cfg.model != "tiny" and not torch.cuda.is_available() and not Path(cfg.model).is_dir():
         raise SystemExit(f"--model {cfg.model} is an 8B model and this machine has no CUDA GPU. "
                          "Use --model tiny to train the small CPU model, or run on a GPU.")
@@ -601,7 +602,6 @@ def load_tokenizer(cfg: Config):
 
 def load_model(cfg: Config, vocab_size: int):
     """The tiny CPU model, or a LLaDA checkpoint (4-bit NF4 base when cfg.load_in_4bit) with LoRA."""
-    import model as M
     if cfg.model == "tiny":
         return M.tiny_model(vocab_size, seed=0)
     net = M.load_llada(cfg.model, load_in_4bit=cfg.load_in_4bit)
@@ -612,7 +612,6 @@ def load_model(cfg: Config, vocab_size: int):
 # Training: rollouts -> rewards -> advantages -> mu inner updates -> log -> maybe eval / save.
 
 def train(cfg: Config) -> dict:
-    import tasks as T
     from tqdm import tqdm
     validate(cfg)                                   # every check comes before data and model loading
     torch.manual_seed(cfg.seed)                     # the global RNG (LoRA init and dropout) derives from the seed too
@@ -635,9 +634,8 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg, len(tok))
     device = next(model.parameters()).device
     if style == "tiny" and cfg.warm_start_steps:
-        tag = f"{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}"
         sft_warm_start(model, tok, train_set, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
-                       path=Path(cfg.cache_dir) / f"warm_{tag}.pt")
+                       path=warm_start_path(cfg))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
     start_step, summary = 0, {"config": dataclasses.asdict(cfg)}

@@ -120,7 +120,7 @@ def main(argv=None):
     if style == "tiny" and cfg.warm_start_steps:
         if rank == 0:
             S.sft_warm_start(model, tok, train_set, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
-                             path=Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}.pt")
+                             path=S.warm_start_path(cfg))
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     model = shard_model(model, shard, device)
