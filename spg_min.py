@@ -13,6 +13,11 @@ copies of each sequence, masked block by block as the model decodes (block-wise 
 There is no importance ratio, no clipping and no KL; each rollout batch feeds mu optimizer steps, each with
 freshly drawn masks.
 
+Baseline `--estimator d1` (d1's diffu-GRPO, spg_spec.md (g)) shares rollouts, rewards, advantages, the mu inner
+updates, the optimizer and evaluation, and replaces the bounds by d1's one-step per-token log-probs (completion
+fully masked, prompt masked with probability p_mask_prompt) in a clipped-ratio objective with a k3 KL penalty to
+a reference model (`d1_loss`).
+
 Shapes (one alphabet throughout): B sequences in a batch (= prompts x g), g group size, P prompt length,
 Lg generation length, L = P + Lg, V vocabulary, m Monte Carlo masked samples, bl block length, K = Lg / bl
 blocks, d hidden size.
@@ -38,6 +43,8 @@ Run:  python spg_min.py --task sudoku --model tiny        # CPU, small model, mi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -49,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 
 import model as M
@@ -81,14 +89,17 @@ class Config:
     temperature: float = 0.9            # rollout temperature (Sudoku 0.3)
     max_prompt_length: int = 512        # longer prompts are refused at data loading
     # SPG objective
-    estimator: str = "mix"              # bound for A <= 0: mix | eubo | elbo | zero
+    estimator: str = "mix"              # bound for A <= 0: mix | eubo | elbo | zero; or d1 (the diffu-GRPO baseline)
     beta: float = 1.5                   # Renyi order of the EUBO (Sudoku 1.0)
     omega: float = 0.5                  # mixture weight on the EUBO (Eq. 8)
     num_mc: int = 2                     # m masked samples per sequence
     p_mask_prompt: float = 0.15         # chance to mask each prompt / clean-block token
-    masking: str = "block"              # block (paper) | random (Table 4 ablation)
+    masking: str = "block"              # block (paper) | random (Table 4 ablation) | d1 (all of the completion)
     mu: int = 4                         # inner optimizer steps per rollout batch
     micro_batch: int = 2                # sequences per forward/backward in the loss pass (24 GB: bench/memory.py)
+    # d1 baseline (--estimator d1): values of SPG's d1 runs, train.yaml:69 and spg/slurm_scripts/d1 (spg_spec.md (e))
+    d1_epsilon: float = 0.5             # clip range of the importance ratio, [1 - eps, 1 + eps]
+    d1_beta_kl: float = 0.04            # weight of the k3 KL penalty to the reference model
     # optimisation
     lr: float = 3e-6
     weight_decay: float = 0.1
@@ -118,6 +129,10 @@ TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; README "Results" sa
     eval_batch=256, warm_start_steps=200, max_prompt_length=64, save_every=25,
 )
 
+ESTIMATOR_DEFAULTS = {  # d1 scores one fully masked copy of the completion (spg_spec.md (g)2)
+    "d1": dict(num_mc=1, masking="d1"),
+}
+
 
 def validate(cfg: Config) -> None:
     """Check every cross-field rule before any model or data is loaded; raise ValueError naming the fix."""
@@ -130,7 +145,11 @@ def validate(cfg: Config) -> None:
     need(cfg.steps % blocks == 0 and cfg.steps >= blocks,
          f"steps={cfg.steps} must be a positive multiple of the number of blocks ({blocks})")
     need(cfg.group_size >= 2, f"group_size={cfg.group_size}: at least 2 completions per prompt are needed")
-    need(cfg.estimator in NEG_BOUND, f"estimator={cfg.estimator!r}: choose from {sorted(NEG_BOUND)}")
+    need(cfg.estimator in [*NEG_BOUND, "d1"], f"estimator={cfg.estimator!r}: choose from {sorted(NEG_BOUND)} or d1")
+    need(cfg.estimator != "d1" or (cfg.num_mc == 1 and cfg.masking == "d1"),
+         f"estimator=d1 scores one fully masked copy: needs num_mc=1 and masking=d1 (got {cfg.num_mc}, {cfg.masking!r})")
+    need(0.0 < cfg.d1_epsilon < 1.0, f"d1_epsilon={cfg.d1_epsilon} must lie in (0, 1)")
+    need(cfg.d1_beta_kl >= 0.0, f"d1_beta_kl={cfg.d1_beta_kl} must be >= 0")
     need(cfg.masking in FORWARD_PROCESS, f"masking={cfg.masking!r}: choose from {sorted(FORWARD_PROCESS)}")
     need(cfg.beta >= 1.0, f"beta={cfg.beta}: the Renyi bound needs beta >= 1 (Lemma 1)")
     need(0.0 <= cfg.omega <= 1.0, f"omega={cfg.omega} must lie in [0, 1] (Eq. 8)")
@@ -237,7 +256,22 @@ def random_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_le
     return torch.cat([prompt, comp], -1), t.float()
 
 
-FORWARD_PROCESS = {"block": block_forward_process, "random": random_forward_process}
+def d1_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_length: int = 0,
+                       p_mask_prompt: float, generator=None, group_ids=None):
+    """d1's one-step masking (d1 `forward_process`; SPG's `forward_type=all`, spg_spec.md (b), (g)2).
+
+    Every completion position is masked (the post-EOS tail included) and each prompt token independently with
+    probability p_mask_prompt. Same arguments and returns as block_forward_process (c [B, Lg] -> masked
+    [B, m, P + Lg], t [B, m] = 1); block_length is unused. d1 draws the prompt mask per row; here, as for the
+    other forward processes, group_ids shares it within a group (deviation 7).
+    """
+    B, Lg = c.shape
+    prompt = _uniform((B, m, prompt_len), group_ids, generator, c.device) < p_mask_prompt    # [B, m, P]
+    comp = torch.ones(B, m, Lg, dtype=torch.bool, device=c.device)                           # [B, m, Lg]
+    return torch.cat([prompt, comp], -1), torch.ones(B, m, device=c.device)
+
+
+FORWARD_PROCESS = {"block": block_forward_process, "random": random_forward_process, "d1": d1_forward_process}
 
 
 def elbo(logp: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -300,6 +334,33 @@ def spg_loss(advantages, elbo_b, eubo_b, *, num_tokens, estimator="mix", omega=0
     return loss, {"bound/elbo": elbo_b.detach().mean().item(), "bound/eubo": eubo_b.detach().mean().item()}
 
 
+def d1_loss(logp, old_logp, ref_logp, advantages, c, *, epsilon, beta_kl, num_tokens=None):
+    """d1's diffu-GRPO loss (d1 `DiffuGRPOTrainer.compute_loss`, spg_spec.md (g)1), per completion token k:
+
+        ratio_k = exp(logp_k - old_logp_k)
+        surrogate_k = min(ratio_k A, clip(ratio_k, 1 - eps, 1 + eps) A)
+        kl_k = exp(ref_logp_k - logp_k) - (ref_logp_k - logp_k) - 1           (k3 estimator, >= 0)
+        loss = -sum_{b,k} c_bk (surrogate_bk - beta_kl kl_bk) / num_tokens
+
+    logp [B, Lg] (with grad), old_logp and ref_logp [B, Lg] (constants), advantages [B], c [B, Lg] bool (up to
+    and including the first EOS). num_tokens defaults to sum c: the mean over all completion tokens of the batch,
+    d1's normalisation (per token, not per sequence); pass the whole rollout batch's count when micro-batching.
+    Returns (loss scalar, detached stats: mean KL per token, fraction of tokens with the ratio outside the clip range).
+    """
+    num_tokens = c.sum() if num_tokens is None else num_tokens
+    adv = advantages[:, None]                                                         # [B, 1]
+    ratio = torch.exp(logp - old_logp)                                                # [B, Lg]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
+    log_ref_ratio = ref_logp - logp                                                   # [B, Lg]
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1                                 # [B, Lg]
+    per_token = torch.where(c, surrogate - beta_kl * kl, 0.0)                         # [B, Lg]
+    objective = per_token.sum() / num_tokens                                          # sum over tokens
+    loss = -objective
+    clipped = (ratio.clamp(1 - epsilon, 1 + epsilon) != ratio) & c
+    n = c.sum().clamp_min(1)
+    return loss, {"d1/kl": (torch.where(c, kl, 0.0).sum() / n).item(), "d1/clip_frac": (clipped.sum() / n).item()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Model calls: the decoder body over all positions, the LM head only where logits are needed.
 
@@ -342,18 +403,50 @@ def completion_logprobs(model, z: torch.Tensor, attention_mask: torch.Tensor, ta
     return target_logprobs(head, h, targets)
 
 
+def masked_logprobs(model, seqs, attention_mask, masked, *, mask_id: int, Lg: int):
+    """log pi(x_k | z_j) of the true completion tokens under m masked copies: one forward pass over B * m rows.
+
+    seqs, attention_mask [B, L]; masked [B, m, L] from a forward process. Returns [B, m, Lg] float32.
+    """
+    B, m, L = masked.shape
+    z = torch.where(masked, mask_id, seqs[:, None])                                   # [B, m, L]
+    return completion_logprobs(model, z.view(B * m, L), attention_mask.repeat_interleave(m, 0),
+                               seqs[:, -Lg:].repeat_interleave(m, 0)).view(B, m, Lg)  # [B, m, Lg]
+
+
 def sequence_bounds(model, seqs, attention_mask, c, masked, t, *, beta: float, mask_id: int):
     """ELBO and EUBO [B] of the completions seqs[:, -Lg:] under given masks: one forward pass over B * m copies.
 
     seqs, attention_mask [B, L]; c [B, Lg] completion mask; masked [B, m, L], t [B, m] from a forward process.
     """
-    B, m, L = masked.shape
-    Lg = c.shape[1]
-    z = torch.where(masked, mask_id, seqs[:, None])                                   # [B, m, L]
-    logp = completion_logprobs(model, z.view(B * m, L), attention_mask.repeat_interleave(m, 0),
-                               seqs[:, -Lg:].repeat_interleave(m, 0)).view(B, m, Lg)  # [B, m, Lg]
-    counted = masked[..., -Lg:] & c[:, None]                                          # [B, m, Lg]
+    logp = masked_logprobs(model, seqs, attention_mask, masked, mask_id=mask_id, Lg=c.shape[1])  # [B, m, Lg]
+    counted = masked[..., -c.shape[1]:] & c[:, None]                                  # [B, m, Lg]
     return elbo(logp, counted, t), eubo(logp, counted, t, beta, lengths=c.sum(-1))
+
+
+@torch.no_grad()
+def frozen_logprobs(model, seqs, attention_mask, masked, *, mask_id: int, Lg: int, micro_batch: int):
+    """masked_logprobs of the single masked copy (m = 1) without grad, in eval mode, micro-batched: [B, Lg].
+
+    d1's old log-probs (the rollout policy, before any inner update) and reference log-probs."""
+    was_training = model.training
+    model.eval()
+    parts = [masked_logprobs(model, seqs[i:i + micro_batch], attention_mask[i:i + micro_batch],
+                             masked[i:i + micro_batch], mask_id=mask_id, Lg=Lg)[:, 0]
+             for i in range(0, len(seqs), micro_batch)]
+    model.train(was_training)
+    return torch.cat(parts) if parts else seqs.new_zeros((0, Lg), dtype=torch.float32)
+
+
+def d1_reference(model):
+    """(reference model, context) for d1's KL term, to be taken at the start of RL (after any warm start).
+
+    A LoRA model is its own reference with the adapters disabled (peft `disable_adapter()`, as d1 does): the
+    frozen base. A fully fine-tuned model (the tiny CPU model) gets a frozen deep copy of its weights now.
+    """
+    if isinstance(model, PeftModel):
+        return model, model.disable_adapter
+    return copy.deepcopy(model).requires_grad_(False), contextlib.nullcontext
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -636,6 +729,8 @@ def train(cfg: Config) -> dict:
     if style == "tiny" and cfg.warm_start_steps:
         sft_warm_start(model, tok, train_set, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
                        path=warm_start_path(cfg))
+    # d1's KL reference: the model as RL starts (the warm start; a resumed run's reference is the same)
+    ref_model, ref_context = d1_reference(model) if cfg.estimator == "d1" else (None, None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
     start_step, summary = 0, {"config": dataclasses.asdict(cfg)}
@@ -688,22 +783,37 @@ def train(cfg: Config) -> dict:
         per_fn, rewards, missing = score_rewards(task, decode_completions(tok, comp, c), examples)
         adv = group_advantages(rewards, group_ids).to(device)                             # [B]
         active = (adv != 0).nonzero()[:, 0]           # zero-advantage sequences add no gradient: skip them
+        if cfg.estimator == "d1" and cfg.d1_beta_kl > 0:
+            active = torch.arange(len(adv), device=device)  # ... except through d1's KL term: keep them all
         num_tokens = c.sum()                          # the denominator counts every completion token
-        # ---- mu inner updates, each with freshly drawn masks (Alg. 1)
-        losses, grad_norms, bounds = [], [], {}
-        for it in range(cfg.mu):
-            mask_gen = make_generator(cfg.seed, step, 2, it, device=device)
+        # ---- masks for the mu inner updates (Alg. 1), fresh for each update, one generator per update
+        masks = [FORWARD_PROCESS[cfg.masking](c[active], P, m=cfg.num_mc, block_length=cfg.block_length,
+                                              p_mask_prompt=cfg.p_mask_prompt, group_ids=group_ids[active.cpu()],
+                                              generator=make_generator(cfg.seed, step, 2, it, device=device))
+                 for it in range(cfg.mu)]
+        if cfg.estimator == "d1":                     # d1: old and reference log-probs, once, under each update's mask
+            frozen = lambda net, masked: frozen_logprobs(net, seqs[active], attn[active], masked, mask_id=mask_id,
+                                                         Lg=comp.shape[1], micro_batch=cfg.micro_batch)
+            old_logp = [frozen(model, masked) for masked, _ in masks]                     # mu x [B', Lg]
+            with ref_context():
+                ref_logp = [frozen(ref_model, masked) for masked, _ in masks]             # mu x [B', Lg]
+        # ---- mu inner updates
+        losses, grad_norms, stats = [], [], {}
+        for it, (masked, t) in enumerate(masks):
             opt.zero_grad(set_to_none=True)
-            masked, t = FORWARD_PROCESS[cfg.masking](c[active], P, m=cfg.num_mc, block_length=cfg.block_length,
-                                                     p_mask_prompt=cfg.p_mask_prompt, generator=mask_gen,
-                                                     group_ids=group_ids[active.cpu()])
             loss_sum = torch.zeros((), device=device)
             for lo in range(0, len(active), cfg.micro_batch):             # gradient accumulation
                 idx, sl = active[lo:lo + cfg.micro_batch], slice(lo, lo + cfg.micro_batch)
-                elbo_b, eubo_b = sequence_bounds(model, seqs[idx], attn[idx], c[idx], masked[sl], t[sl],
-                                                 beta=cfg.beta, mask_id=mask_id)      # [b], [b]
-                loss, bounds = spg_loss(adv[idx], elbo_b, eubo_b, num_tokens=num_tokens,
-                                        estimator=cfg.estimator, omega=cfg.omega)
+                if cfg.estimator == "d1":
+                    logp = masked_logprobs(model, seqs[idx], attn[idx], masked[sl], mask_id=mask_id,
+                                           Lg=comp.shape[1])[:, 0]                # [b, Lg]
+                    loss, stats = d1_loss(logp, old_logp[it][sl], ref_logp[it][sl], adv[idx], c[idx],
+                                          epsilon=cfg.d1_epsilon, beta_kl=cfg.d1_beta_kl, num_tokens=num_tokens)
+                else:
+                    elbo_b, eubo_b = sequence_bounds(model, seqs[idx], attn[idx], c[idx], masked[sl], t[sl],
+                                                     beta=cfg.beta, mask_id=mask_id)  # [b], [b]
+                    loss, stats = spg_loss(adv[idx], elbo_b, eubo_b, num_tokens=num_tokens,
+                                           estimator=cfg.estimator, omega=cfg.omega)
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if len(active) else torch.zeros(())
@@ -724,7 +834,7 @@ def train(cfg: Config) -> dict:
                **{f"reward/{name}": per_fn[:, f].mean().item() for f, (name, _, _) in enumerate(task.reward_funcs)},
                "reward/missing": missing, "reward/frac_zero_adv_groups": zero_var,
                "gen/len": c.sum(-1).float().mean().item(), "loss": sum(losses) / len(losses),
-               "grad_norm": sum(grad_norms) / len(grad_norms), "lr": cfg.lr, **bounds,
+               "grad_norm": sum(grad_norms) / len(grad_norms), "lr": cfg.lr, **stats,
                "nonfinite_steps": summary.get("nonfinite_steps", 0),                      # skipped so far (cumulative)
                "time/rollout_s": t_rollout, "time/step_s": dt, "tokens_per_s": comp.numel() / t_rollout}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
@@ -749,7 +859,9 @@ def train(cfg: Config) -> dict:
 
 
 def parse_config(argv=None) -> Config:
-    """CLI built from the Config dataclass; unknown flags are an error. Precedence: flag > preset > task > default."""
+    """CLI built from the Config dataclass; unknown flags are an error.
+
+    Precedence: flag > estimator (ESTIMATOR_DEFAULTS) > preset > task > default."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int, "float": float}.get(
@@ -758,7 +870,8 @@ def parse_config(argv=None) -> Config:
     given = vars(p.parse_args(argv))
     task = given.get("task", Config.task)
     preset = TINY_PRESET if given.get("model") == "tiny" else {}
-    return Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **given})
+    estimator = ESTIMATOR_DEFAULTS.get(given.get("estimator"), {})
+    return Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **estimator, **given})
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     cfg = S.parse_config(rest)
     S.validate(cfg)
+    if cfg.estimator == "d1":
+        raise SystemExit("scale/ runs SPG only: run the d1 baseline (--estimator d1) with spg_min.py")
     four_bit = cfg.model != "tiny" and cfg.load_in_4bit
     shard = args.shard or ("ddp" if four_bit else "fsdp")
     if shard == "fsdp" and four_bit:

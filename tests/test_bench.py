@@ -5,8 +5,9 @@ whose confidence > threshold) tokens per row, k from the per-block schedule, and
 mask in it. So threshold=None is the default sampler, a threshold never met (> 1) decodes exactly like it with the
 same number of model calls, and a threshold always met (< 0) decodes every block in one call.
 
-Run: python -m pytest -q tests/test_bench.py      (the two bench smoke runs take ~2-3 minutes on 2 cores)
+Run: python -m pytest -q tests/test_bench.py      (the three bench smoke runs take ~3-4 minutes on 2 cores)
 """
+import json
 import re
 import subprocess
 import sys
@@ -135,3 +136,40 @@ def test_memory_estimate_adds_up():
     total = parts.pop("**total**")
     assert abs(sum(parts.values()) - total) < 0.02 and 10 < total < 24     # fits a 24 GB card by this estimate
     assert parts["NF4 weights (0.5 B + double-quant constants)"] == pytest.approx(3.26, abs=0.01)
+
+
+def test_ablation_summary_hand_computed():
+    """bench/ablation.py's per-config numbers on two hand-made seeds."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ablation as A
+    runs = [{"before": 50.0, "after": 58.0, "evals": [(0, 50.0), (25, 54.0), (50, 56.0), (75, 58.0)],
+             "reward": [0.1] * 5 + [0.5] * 10},
+            {"before": 50.0, "after": 52.0, "evals": [(0, 50.0), (25, 51.0), (50, 49.0), (75, 52.0)],
+             "reward": [0.3] * 10}]
+    s = A.seed_summary(runs, gain=5.0)
+    assert (s["after"], s["lo"], s["hi"], s["change"]) == (55.0, 52.0, 58.0, 5.0)
+    assert s["steps"] == 50 and s["reached"] == 1                 # seed 1 reaches 55 at step 50; seed 2 never
+    assert s["reward"] == pytest.approx(0.4)                      # last 10 steps: 0.5 and 0.3
+    assert A.steps_to_reach(runs[1]["evals"], 55.0) is None
+    assert A.moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+
+
+def test_ablation_bench_quick(tmp_path):
+    """Every task x config for 1 step from a 3-step warm start; a second call finds every run done and trains nothing."""
+    cmd = [sys.executable, str(ROOT / "bench" / "ablation.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "ablation.md").read_text()
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if re.match(r"\| (sudoku|countdown) \|", line)]
+    assert len(rows) == 14 and all(0.0 <= float(r[3].split()[0]) <= 100.0 for r in rows)
+    paper = {(r[0].strip(), r[1].strip()): r[7].strip() for r in rows}
+    assert paper[("sudoku", "mix")] == "90.0" and paper[("countdown", "mix-random")] == "62.8"
+    assert paper[("sudoku", "eubo-random")] == "-"                # Table 4 has no Sudoku rows
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+    config = lambda task, name: json.loads((tmp_path / task / name / "seed1" / "summary.json").read_text())["config"]
+    assert (config("sudoku", "d1")["estimator"], config("sudoku", "d1")["masking"]) == ("d1", "d1")
+    assert config("countdown", "eubo")["beta"] == 2.0 and config("countdown", "mix-random")["masking"] == "random"
+    d1_rows = (tmp_path / "sudoku" / "d1" / "seed1" / "metrics.jsonl").read_text()
+    assert '"d1/kl"' in d1_rows
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0 and "seed 1 ->" not in again.stdout     # resumable: nothing is re-run

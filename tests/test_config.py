@@ -29,6 +29,9 @@ def no_loading(monkeypatch):
     (dict(masking="bernoulli"), "masking"),
     (dict(p_mask_prompt=1.0), "p_mask_prompt"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(estimator="d1"), "num_mc=1 and masking=d1"),                    # d1 scores one fully masked copy
+    (dict(estimator="d1", num_mc=1, masking="block"), "masking=d1"),
+    (dict(estimator="d1", num_mc=1, masking="d1", d1_epsilon=1.5), "d1_epsilon"),
 ])
 def test_bad_setting_is_refused_first(tmp_path, no_loading, overrides, named):
     cfg = S.Config(task="sudoku", model="tiny", out=str(tmp_path), **overrides)
@@ -70,6 +73,10 @@ def test_presets_and_flag_precedence():
     assert cfg.lr == 0.5 and cfg.beta == 1.0 and cfg.gen_length == S.TINY_PRESET["gen_length"]
     cfg = S.parse_config(["--task", "gsm8k"])
     assert cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--estimator", "d1"])
+    assert (cfg.num_mc, cfg.masking) == (1, "d1")                           # ESTIMATOR_DEFAULTS
+    with pytest.raises(ValueError, match="num_mc=1"):
+        S.validate(S.parse_config(["--estimator", "d1", "--num-mc", "2"]))   # a flag beats the estimator default
 
 
 def test_prompts_over_the_limit_are_refused_whole_never_truncated():

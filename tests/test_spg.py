@@ -202,6 +202,63 @@ def test_masked_and_counted_positions_b17():
     assert S.elbo(logp, counted, t).item() == pytest.approx(-6.0)
 
 
+# ---------------------------------------------------------------- d1's diffu-GRPO baseline (spg_spec.md (g))
+
+def d1_by_hand(logp, old, ref, adv, c, eps, beta):
+    """The d1 loss with Python floats, one token at a time."""
+    total, n = 0.0, 0
+    for b in range(len(adv)):
+        for k in range(len(logp[b])):
+            if not c[b][k]:
+                continue
+            ratio = math.exp(logp[b][k] - old[b][k])
+            surrogate = min(ratio * adv[b], min(max(ratio, 1 - eps), 1 + eps) * adv[b])
+            kl = math.exp(ref[b][k] - logp[b][k]) - (ref[b][k] - logp[b][k]) - 1
+            total, n = total + surrogate - beta * kl, n + 1
+    return -total / n
+
+
+def test_d1_loss_hand_computed():
+    # ratios exp(+-1) = 2.72 / 0.37 lie outside [0.5, 1.5], exp(+-0.2) = 1.22 / 0.82 inside; A of both signs
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.8, -3.0, -1.0]])
+    old = torch.tensor([[-2.0, -1.0, -0.7], [-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, -0.2], [-0.8, -1.0, -4.0]])
+    adv, c = torch.tensor([0.5, -1.0]), torch.tensor([[True, True, True], [True, True, False]])
+    loss, stats = S.d1_loss(logp, old, ref, adv, c, epsilon=0.5, beta_kl=0.04)
+    expected = d1_by_hand(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), c.tolist(), 0.5, 0.04)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # by hand, row 0: A = 0.5, ratios e^1 (clipped to 1.5), e^-1 (0.368 < 0.5: min keeps the unclipped 0.368),
+    # e^0.2 (inside); row 1: A = -1, ratios e^0.2 (inside), e^-1 (clip 0.5: min(-0.368, -0.5) = -0.5)
+    surrogates = [0.5 * 1.5, 0.5 * math.exp(-1), 0.5 * math.exp(0.2), -math.exp(0.2), -0.5]
+    kls = [math.exp(d) - d - 1 for d in (-0.5, 0.0, 0.3, 0.0, 2.0)]
+    assert loss.item() == pytest.approx(-(sum(surrogates) - 0.04 * sum(kls)) / 5, rel=1e-6)
+    assert stats["d1/clip_frac"] == pytest.approx(3 / 5) and stats["d1/kl"] == pytest.approx(sum(kls) / 5, rel=1e-6)
+
+
+def test_d1_loss_without_kl_when_reference_equals_policy():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, stats = S.d1_loss(logp, logp.detach(), logp.detach(), torch.tensor([2.0]), torch.tensor([[True, True]]),
+                            epsilon=0.5, beta_kl=0.04)
+    assert stats["d1/kl"] == 0.0 and loss.item() == pytest.approx(-2.0)    # ratio 1: -A
+    loss.backward()                                                         # d/dlogp_k of -A ratio_k / n = -A / n
+    assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0]]))
+    loss, _ = S.d1_loss(logp, logp.detach(), logp.detach(), torch.tensor([2.0]), torch.tensor([[True, True]]),
+                        epsilon=0.5, beta_kl=0.04, num_tokens=8)            # the whole batch's token count
+    assert loss.item() == pytest.approx(-2.0 * 2 / 8)
+
+
+def test_d1_masking_masks_the_completion_and_prompt_at_rate_p():
+    c = torch.zeros(4000, 6, dtype=torch.bool)
+    c[:, :4] = True                                                         # post-EOS tail masked too
+    masked, t = S.d1_forward_process(c, 5, m=1, p_mask_prompt=0.15, generator=torch.Generator().manual_seed(0))
+    assert masked.shape == (4000, 1, 11) and masked[..., 5:].all() and (t == 1).all()
+    assert abs(masked[..., :5].float().mean().item() - 0.15) < 0.01
+    again, _ = S.d1_forward_process(c, 5, m=1, p_mask_prompt=0.15, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masked, again)
+    none, _ = S.d1_forward_process(c, 5, m=1, p_mask_prompt=0.0, generator=torch.Generator().manual_seed(0))
+    assert not none[..., :5].any()
+
+
 # ---------------------------------------------------------------- decoding schedule (B21, B22)
 
 def test_transfer_schedule():

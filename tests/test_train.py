@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_train.py
 """
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,57 @@ def test_zero_estimator_ignores_negatives(setup):
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+def test_d1_positive_advantage_raises_the_completion_logprob(setup):
+    """One SGD step on d1_loss (old = reference = the current policy, d1's first inner update) with A > 0 raises the
+    log-prob of every completion under the same d1 mask; A < 0 lowers it."""
+    net, batch, mask_id = setup
+    c, Lg = batch["c"], batch["c"].shape[1]
+    P = batch["seqs"].shape[1] - Lg
+    masked, _ = S.d1_forward_process(c, P, m=1, p_mask_prompt=0.15, generator=torch.Generator().manual_seed(0))
+    logp_of = lambda: S.masked_logprobs(net, batch["seqs"], batch["attention_mask"], masked, mask_id=mask_id,
+                                        Lg=Lg)[:, 0]
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    for sign in (1.0, -1.0):
+        net.load_state_dict(start)
+        net.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+        logp = logp_of()
+        loss, _ = S.d1_loss(logp, logp.detach(), logp.detach(), torch.tensor([sign, sign]), c,
+                            epsilon=0.5, beta_kl=0.04)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            change = torch.where(c, logp_of() - logp.detach(), 0.0).sum(-1)    # [B] sequence log-prob change
+        assert (sign * change > 0).all()
+
+
+def test_d1_reference_is_the_model_as_rl_starts(setup):
+    """Full fine-tuning: a frozen copy that later updates do not move. LoRA: the same model, adapters disabled."""
+    net, batch, mask_id = setup
+    c, Lg = batch["c"], batch["c"].shape[1]
+    masked, _ = S.d1_forward_process(c, batch["seqs"].shape[1] - Lg, m=1, p_mask_prompt=0.0)
+    logp = lambda model: S.frozen_logprobs(model, batch["seqs"], batch["attention_mask"], masked, mask_id=mask_id,
+                                           Lg=Lg, micro_batch=1)
+    start = logp(net)
+    ref, context = S.d1_reference(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)                                                # training moves the policy ...
+    with context():
+        assert torch.equal(logp(ref), start) and not torch.equal(logp(net), start)   # ... not the reference
+    assert not any(p.requires_grad for p in ref.parameters())
+    lora = M.add_lora(M.tiny_model(net.config.vocab_size, seed=0), r=4, alpha=8, dropout=0.0)
+    base = logp(lora)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)                                             # the adapter now changes the output
+    ref, context = S.d1_reference(lora)
+    assert ref is lora and not torch.allclose(logp(lora), base)
+    with context():
+        assert torch.equal(logp(ref), base)
+
+
 def test_micro_batches_accumulate_to_the_full_batch_gradient(setup):
     net, batch, mask_id = setup
     adv, n = torch.tensor([0.7, -0.4]), batch["c"].sum()
@@ -108,6 +160,27 @@ def test_main_job_end_to_end_smoke(tmp_path):
         assert key in rows[0]
     assert 0.0 <= rows[0]["reward/mean"] <= 1.0
     assert len(list((tmp_path / "cache").glob("warm_*.pt"))) == 1
+
+
+def test_train_d1_two_steps(tmp_path, monkeypatch):
+    """`--estimator d1` through train(): old and reference log-probs, clipped ratio and KL, 2 steps x mu 2. The
+    reward is the completion's length (a 3-step warm start solves nothing), so that advantages are not all 0."""
+    def by_length(task, texts, examples):
+        r = torch.tensor([len(t) / 30 for t in texts], dtype=torch.float64)
+        return r[:, None], r, 0
+    monkeypatch.setattr(S, "score_rewards", by_length)
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--estimator", "d1", "--out", str(tmp_path),
+                          "--max-steps", "2", "--warm-start-steps", "3", "--eval-n", "8", "--eval-every", "0",
+                          "--num-prompts", "2", "--cache-dir", str(tmp_path / "cache")])
+    assert (cfg.num_mc, cfg.masking, cfg.d1_epsilon, cfg.d1_beta_kl) == (1, "d1", 0.5, 0.04)
+    summary = S.train(cfg)
+    assert summary["steps"] == 2 and summary["eval_after"]["n"] == 8
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 <= r["d1/clip_frac"] <= 1 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
+        assert "bound/elbo" not in r and r["reward/frac_zero_adv_groups"] < 1
+    assert rows[1]["d1/kl"] > 0          # step 1's updates moved the policy away from the frozen reference
 
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "llada_tiny"
