@@ -173,3 +173,16 @@ def test_ablation_bench_quick(tmp_path):
     assert '"d1/kl"' in d1_rows
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0 and "seed 1 ->" not in again.stdout     # resumable: nothing is re-run
+
+
+@pytest.mark.parametrize("extra", [["--reward", "ones"], ["--sft"]])
+def test_gradient_probe_quick(tmp_path, extra):
+    """bench/gradient_probe.py --quick runs to the end: the gradient consistency line and one step, or SFT."""
+    cmd = [sys.executable, str(ROOT / "bench" / "gradient_probe.py"), "--quick", "--cache-dir", str(tmp_path), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if "--sft" in extra:
+        assert "step 2: held-out" in proc.stdout
+    else:
+        cos = float(proc.stdout.split("cos ")[1].split(" ")[0])
+        assert -1.0 <= cos <= 1.0 and "eta 0.05: held-out" in proc.stdout
