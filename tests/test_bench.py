@@ -163,6 +163,7 @@ def test_loss_bench_quick(tmp_path):
     table = run_bench("loss", tmp_path)
     assert "equal loss and gradients (all V, all implementations): **True**" in table
     assert re.search(r"chunk_rows=64: peak tensor memory = 1/[\d.]+ of direct \(meets", table)
+    assert re.search(r"LOGP_CHUNK_BYTES=\d+ MiB\): peak tensor memory = 1/[\d.]+ of direct \(meets", table)  # shipped
 
 
 def test_memory_estimate_adds_up():
