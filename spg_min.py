@@ -470,29 +470,43 @@ def commit_tokens(block, proposal, confidence, k, mask_id: int):
     return torch.where(chosen, proposal, block)
 
 
-def block_hidden(model, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int, cache=None) -> torch.Tensor:
+def block_hidden(model, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int, cache=None,
+                 dual: bool = False) -> torch.Tensor:
     """Final hidden states [B, hi - lo, d] of the current block x[:, lo:hi] (x, attn [B, L]).
 
-    cache=None: one full pass over x, as LLaDA does. Prefix-cache mode (Fast-dLLM's approximate KV cache,
-    arXiv 2505.22618 Sec. 3.1) passes one transformers DynamicCache per block: while it is empty, a full pass
-    fills it; once filled, only x[:, lo:] runs, attending to the keys/values of the prefix x[:, :lo] from the
-    block's first step. Those are stale (they saw the block still masked): an approximation.
+    cache=None: one full pass over x, as LLaDA does. Fast-dLLM's approximate KV caches (arXiv 2505.22618
+    Sec. 3.1) pass one transformers DynamicCache per block: while it is empty, a full pass fills it with the
+    keys/values of every position; once filled,
+      prefix (dual=False): only x[:, lo:] runs, attending to the cached keys/values of the prefix x[:, :lo];
+      dual: only the block x[:, lo:hi] runs, attending to the cached prefix and suffix x[:, hi:] (the block's
+        own cached entries are masked out; its fresh ones are appended for this call, then dropped).
+    Cached entries are stale (they saw the block as it was at its first step): an approximation.
     """
     if cache is None:
         return hidden_states(model, x, attn)[:, lo:hi]
     decoder, _ = M.decoder_and_head(model)
-    start = lo if cache.get_seq_length() else 0                                       # reuse, or fill
-    pos = positions_from_mask(attn)
+    L, pos = x.shape[1], positions_from_mask(attn)
+    if not cache.get_seq_length():
+        start, end, kv_mask = 0, L, attn                                              # fill: a full pass
+    elif dual:
+        stale = attn.clone()
+        stale[:, lo:hi] = 0
+        start, end, kv_mask = lo, hi, torch.cat([stale, attn[:, lo:hi]], 1)          # [B, L + bl]
+    else:
+        start, end, kv_mask = lo, L, attn                                             # [B, lo + (L - lo)]
     # the cache is passed 4th positionally: its keyword is past_key_values in older transformers, cache in newer
-    h = decoder(x[:, start:], attn, pos[:, start:], cache, use_cache=True).last_hidden_state
-    cache.crop(lo - cache.get_seq_length())                                           # keep the prefix only
+    h = decoder(x[:, start:end], kv_mask, pos[:, start:end], cache, use_cache=True).last_hidden_state
+    cache.crop((L if dual else lo) - cache.get_seq_length())                          # keep what later steps reuse
     return h[:, lo - start:hi - start]
+
+
+KV_CACHES = (None, "prefix", "dual")   # generate(kv_cache=...): none, or Fast-dLLM's prefix or dual cache
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, steps, temperature,
              remasking="low_confidence", mask_id, generator=None, threshold: float | None = None,
-             prefix_cache: bool = False):
+             kv_cache: str | None = None):
     """Semi-autoregressive decoding: [B, P] left-padded prompts -> [B, P + Lg] ids.
 
     Blocks of bl tokens left to right; each block gets steps_per_block = steps // K steps, and each
@@ -505,10 +519,15 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
     Two optional fast modes from Fast-dLLM (arXiv 2505.22618), both off by default:
       threshold: each step commits max(k, #masked positions of the block with confidence > threshold)
         tokens per row, so the schedule is a floor (a threshold never met decodes exactly as None, and
-        the loop always ends, B22); a block stops as soon as no row has a mask left in it.
-      prefix_cache: later steps of a block reuse the prefix keys/values of its first step (approximate;
-        see block_hidden).
+        the loop always ends, B22).
+      kv_cache="prefix" | "dual": later steps of a block reuse the keys/values of its first step for the
+        prefix (and, "dual", the suffix), running only the rest (approximate; see block_hidden).
+    A row whose block has no mask left leaves the forward batch until the next block, and a block stops
+    once no row is left. Without a threshold every row finishes its block at the last step together, so
+    this only saves work with one (Fast-dLLM stops the whole batch only).
     """
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache={kv_cache!r} is not one of {KV_CACHES}")
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, and "
                          f"steps={steps} a multiple of the number of blocks {gen_length // max(block_length, 1)}")
@@ -519,26 +538,35 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
     attn = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], 1)     # [B, L]
     schedule = transfer_schedule(block_length, steps // (gen_length // block_length))
     for lo in range(P, P + gen_length, block_length):
-        hi, cache = lo + block_length, DynamicCache() if prefix_cache else None
+        hi, cache = lo + block_length, DynamicCache() if kv_cache else None
+        rows = torch.arange(B, device=x.device)                                      # [b] rows still decoding
         for k in schedule:
-            logits = head(block_hidden(model, x, attn, lo, hi, cache)).float()        # [B, bl, V]
+            xr, ar = x[rows], attn[rows]                                              # [b, L]
+            logits = head(block_hidden(model, xr, ar, lo, hi, cache, kv_cache == "dual")).float()  # [b, bl, V]
             logits[..., mask_id] = -math.inf
             probs = logits.softmax(-1)                                                # untempered
             if temperature == 0:
-                proposal = logits.argmax(-1)                                          # [B, bl]
+                proposal = logits.argmax(-1)                                          # [b, bl]
             else:
                 tempered = (logits / temperature).softmax(-1).view(-1, logits.shape[-1])
-                proposal = torch.multinomial(tempered, 1, generator=generator).view(B, block_length)
+                proposal = torch.multinomial(tempered, 1, generator=generator).view(len(rows), block_length)
             if remasking == "random":
-                confidence = torch.rand(B, block_length, generator=generator, device=x.device)
+                confidence = torch.rand(len(rows), block_length, generator=generator, device=x.device)
             else:
                 confidence = probs.gather(-1, proposal[..., None])[..., 0]
-            n = torch.full((B,), k, device=x.device)                                  # [B] tokens to commit
+            block = xr[:, lo:hi]                                                      # [b, bl]
+            n = torch.full((len(rows),), k, device=x.device)                          # [b] tokens to commit
             if threshold is not None:
-                n = torch.maximum(n, ((x[:, lo:hi] == mask_id) & (confidence > threshold)).sum(-1))
-            x[:, lo:hi] = commit_tokens(x[:, lo:hi], proposal, confidence, n, mask_id)
-            if threshold is not None and not (x[:, lo:hi] == mask_id).any():
-                break                                                                 # block done early
+                n = torch.maximum(n, ((block == mask_id) & (confidence > threshold)).sum(-1))
+            block = commit_tokens(block, proposal, confidence, n, mask_id)
+            x[rows, lo:hi] = block
+            left = (block == mask_id).any(-1)                                         # [b] block not done yet
+            if not left.all():
+                rows = rows[left]
+                if cache is not None:
+                    cache.batch_select_indices(left.nonzero()[:, 0])
+            if not len(rows):
+                break
     return x
 
 

@@ -1,9 +1,10 @@
 """The fast decoding modes of spg_min.generate, and smoke runs of the two benchmark scripts.
 
 Threshold rule under test (spg_min.generate docstring): each step commits max(k, #masked positions of the block
-whose confidence > threshold) tokens per row, k from the per-block schedule, and a block stops once no row has a
-mask in it. So threshold=None is the default sampler, a threshold never met (> 1) decodes exactly like it with the
-same number of model calls, and a threshold always met (< 0) decodes every block in one call.
+whose confidence > threshold) tokens per row, k from the per-block schedule; a row whose block is done leaves the
+forward batch, and a block stops once no row is left. So threshold=None is the default sampler, a threshold never
+met (> 1) decodes exactly like it with the same number of model calls, and a threshold always met (< 0) decodes
+every block in one call.
 
 Run: python -m pytest -q tests/test_bench.py      (the three bench smoke runs take ~3-4 minutes on 2 cores)
 """
@@ -44,7 +45,7 @@ def run(net, ids, attn, mask_id, **kw):
 def test_threshold_none_is_the_default_sampler(tiny):
     net, _, mask_id, ids, attn = tiny
     default, n_default = run(net, ids, attn, mask_id)
-    none, n_none = run(net, ids, attn, mask_id, threshold=None, prefix_cache=False)
+    none, n_none = run(net, ids, attn, mask_id, threshold=None, kv_cache=None)
     assert torch.equal(default, none) and n_default == n_none == 12
 
 
@@ -72,24 +73,61 @@ def test_threshold_leaves_no_mask_and_never_uses_more_calls(tiny, threshold):
     assert 3 <= calls <= 12
 
 
-def test_prefix_cache_is_exact_with_one_step_per_block(tiny):
+def test_rows_done_leave_the_batch():
+    """Row 0 is sure of every token (one call per block), row 1 never passes the threshold (the schedule's 4 calls):
+    the decoder sees 2 rows, then row 1 alone, and row 1 decodes as it does alone and as without a threshold."""
+    V, mask_id = 5, 4
+    sure, unsure = torch.tensor([9.0, 0, 0, 0, 0]), torch.tensor([1.0, 0.9, 0.8, 0, 0])
+
+    class Decoder(torch.nn.Module):   # hidden state = the row's first prompt token, at every position
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return type("Out", (), {"last_hidden_state": input_ids[:, :1, None].float().expand(*input_ids.shape, 1)})()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Decoder()
+            self.lm_head = lambda h: torch.where(h == 1, sure, unsure)          # [b, bl, 1] -> [b, bl, V]
+
+    net, rows = Net(), []
+    net.model.register_forward_pre_hook(lambda m, args, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
+    ids, attn = torch.tensor([[1], [2]]), torch.ones(2, 1, dtype=torch.long)
+    out = S.generate(net, ids, attn, temperature=0.0, mask_id=mask_id, threshold=0.9, **GEN)
+    assert rows == [2, 1, 1, 1] * 3                                # 3 blocks of 4 scheduled steps
+    assert (out[0, 1:] == 0).all()
+    alone = S.generate(net, ids[1:], attn[1:], temperature=0.0, mask_id=mask_id, threshold=0.9, **GEN)
+    default = S.generate(net, ids, attn, temperature=0.0, mask_id=mask_id, **GEN)
+    assert torch.equal(out[1], alone[0]) and torch.equal(out[1], default[1])
+
+
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+def test_kv_cache_is_exact_with_one_step_per_block(tiny, kv_cache):
     """With one step per block every call is the block's first, a full pass: nothing cached is reused."""
     net, _, mask_id, ids, attn = tiny
     kw = dict(temperature=0.0, mask_id=mask_id, gen_length=24, block_length=8, steps=3)
-    assert torch.equal(S.generate(net, ids, attn, **kw), S.generate(net, ids, attn, prefix_cache=True, **kw))
+    assert torch.equal(S.generate(net, ids, attn, **kw), S.generate(net, ids, attn, kv_cache=kv_cache, **kw))
 
 
-def test_prefix_cache_finishes_and_honours_left_padding(tiny):    # B24 under the cache
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+def test_kv_cache_finishes_and_honours_left_padding(tiny, kv_cache):    # B24 under the cache
     net, tok, mask_id, ids, attn = tiny
-    out, calls = run(net, ids, attn, mask_id, prefix_cache=True, threshold=0.9)
+    out, calls = run(net, ids, attn, mask_id, kv_cache=kv_cache, threshold=0.9)
     assert not (out[:, ids.shape[1]:] == mask_id).any() and calls <= 12
     solo_ids, solo_attn = S.encode_prompts(tok, ["2+2="])
-    solo, _ = run(net, solo_ids, solo_attn, mask_id, prefix_cache=True, threshold=0.9)
+    solo, _ = run(net, solo_ids, solo_attn, mask_id, kv_cache=kv_cache, threshold=0.9)
     torch.testing.assert_close(out[1, -24:], solo[0, -24:], rtol=0, atol=0)
 
 
-def test_block_hidden_reuses_the_prefix():
-    """A filled cache gives the same block states as a full pass while the sequence is unchanged."""
+def test_unknown_kv_cache_raises(tiny):
+    net, _, mask_id, ids, attn = tiny
+    with pytest.raises(ValueError, match="kv_cache"):
+        run(net, ids, attn, mask_id, kv_cache="suffix")
+
+
+@pytest.mark.parametrize("dual, cached", [(False, 20), (True, 30)])
+def test_block_hidden_reuses_the_cache(dual, cached):
+    """A filled cache gives the same block states as a full pass while the sequence is unchanged: the prefix
+    x[:, :20] is cached (prefix), or every position, the block's own entries masked out at reuse (dual)."""
     from transformers import DynamicCache
     net = M.tiny_model(108, seed=1).eval()
     x = torch.randint(0, 90, (2, 30))
@@ -97,10 +135,10 @@ def test_block_hidden_reuses_the_prefix():
     attn[0, :4] = 0
     cache = DynamicCache()
     with torch.no_grad():
-        first = S.block_hidden(net, x, attn, 20, 25, cache)         # fills the cache
-        again = S.block_hidden(net, x, attn, 20, 25, cache)         # runs x[:, 20:] only
+        first = S.block_hidden(net, x, attn, 20, 25, cache, dual)   # fills the cache
+        again = S.block_hidden(net, x, attn, 20, 25, cache, dual)   # runs x[:, 20:] (prefix) or x[:, 20:25] (dual)
         full = S.block_hidden(net, x, attn, 20, 25)
-    assert cache.get_seq_length() == 20
+    assert cache.get_seq_length() == cached
     torch.testing.assert_close(first, full, rtol=0, atol=0)
     torch.testing.assert_close(again, full, rtol=1e-5, atol=1e-5)
 
@@ -116,7 +154,7 @@ def run_bench(script, tmp_path):
 def test_decode_bench_quick(tmp_path):
     table = run_bench("decode", tmp_path)
     assert "identical to plain (greedy), all shapes: **True**" in table
-    speedups = [float(v) for v in re.findall(r"\| LLaDA proportions[^|]*\| generate\([^|]*\| (?:[^|]*\|){4} ([\d.]+)x",
+    speedups = [float(v) for v in re.findall(r"\| LLaDA proportions[^|]*\| generate\([^|]*\| (?:[^|]*\|){5} ([\d.]+)x",
                                              table)]
     assert speedups and min(speedups) >= 3.0                       # fast modes vs plain at LLaDA's vocabulary
 
@@ -125,6 +163,7 @@ def test_loss_bench_quick(tmp_path):
     table = run_bench("loss", tmp_path)
     assert "equal loss and gradients (all V, all implementations): **True**" in table
     assert re.search(r"chunk_rows=64: peak tensor memory = 1/[\d.]+ of direct \(meets", table)
+    assert re.search(r"LOGP_CHUNK_BYTES=\d+ MiB\): peak tensor memory = 1/[\d.]+ of direct \(meets", table)  # shipped
 
 
 def test_memory_estimate_adds_up():
