@@ -496,7 +496,9 @@ def block_hidden(model, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int, c
         start, end, kv_mask = lo, L, attn                                             # [B, lo + (L - lo)]
     # the cache is passed 4th positionally: its keyword is past_key_values in older transformers, cache in newer
     h = decoder(x[:, start:end], kv_mask, pos[:, start:end], cache, use_cache=True).last_hidden_state
-    cache.crop((L if dual else lo) - cache.get_seq_length())                          # keep what later steps reuse
+    excess = cache.get_seq_length() - (L if dual else lo)                             # keep what later steps reuse
+    if excess > 0:                                                                    # crop(0) is version-dependent
+        cache.crop(-excess)                                                           # drop the last `excess`
     return h[:, lo - start:hi - start]
 
 

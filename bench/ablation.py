@@ -189,7 +189,7 @@ def plot(curves: dict, args, path: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ablation")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/ablation (--quick: ablation_quick)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N")
@@ -203,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="every config, 1 seed, 1 step, small eval, fresh warm start")
     p.add_argument("--report-only", action="store_true", help="no training: tables and plot from finished runs")
     args = p.parse_args(argv)
+    if args.out is None:  # a quick run never lands in the full run's folder (its 1-step runs would count as done)
+        args.out = ROOT / "bench" / "results" / ("ablation_quick" if args.quick else "ablation")
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)

@@ -164,6 +164,26 @@ def test_block_masking_invariants():
                 assert t[b, j].item() == pytest.approx(mj[:n].sum().item() / n)
 
 
+def test_block_masking_masks_exactly_the_drawn_count_in_the_drawn_block():
+    """Replay the generator: the first two U(0,1) draws [B, m] pick the block and the count (in that order)."""
+    bl, P, m = 4, 3, 3
+    c = torch.zeros(5, 16, dtype=torch.bool)
+    for row, n in enumerate([16, 13, 9, 4, 1]):
+        c[row, :n] = True
+    masked, _ = S.block_forward_process(c, P, m=m, block_length=bl, p_mask_prompt=0.3,
+                                        generator=torch.Generator().manual_seed(11))
+    replay = torch.Generator().manual_seed(11)
+    u_block, u_count = torch.rand((5, m), generator=replay), torch.rand((5, m), generator=replay)
+    for b in range(5):
+        n = int(c[b].sum())
+        for j in range(m):
+            start = int(u_block[b, j] * ((n - 1) // bl + 1)) * bl            # uniform over non-empty blocks
+            n_in = min(bl, n - start)
+            drawn = int(u_count[b, j] * n_in) + 1                          # uniform over 1..n_in
+            assert masked[b, j, P + start:P + start + n_in].sum().item() == drawn
+            assert masked[b, j, P + start + n_in:].all()                   # later blocks and post-EOS
+
+
 def test_block_masking_count_is_uniform_and_reproducible():
     c = torch.ones(4000, 8, dtype=torch.bool)
     gen = torch.Generator().manual_seed(1)
