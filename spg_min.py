@@ -63,7 +63,10 @@ import model as M
 import tasks as T
 
 ADAM_BETAS = (0.9, 0.99)      # train.yaml:23-25 of the reference
-WARM_START_LR = 1e-3         # supervised warm start of the tiny model (AdamW, batch 64)
+WARM_START_LR = 1e-3         # supervised warm start of the tiny model (AdamW)
+WARM_START_BATCH = 64        # solutions per warm-start step
+WARM_START_SEED = 7          # the warm start's data and masks: make_generator(0, WARM_START_SEED), not the RL seed
+MAX_NONFINITE_IN_A_ROW = 10  # skipped steps in a row before the run aborts
 LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
 
 
@@ -661,11 +664,11 @@ def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, e
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return
-    gen = make_generator(0, 7)                       # the warm start does not depend on the RL seed
+    gen = make_generator(0, WARM_START_SEED)         # the warm start does not depend on the RL seed
     opt = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, betas=ADAM_BETAS)
     device = next(model.parameters()).device
     for _ in tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None):
-        idx = torch.randint(len(train_examples), (64,), generator=gen).tolist()
+        idx = torch.randint(len(train_examples), (WARM_START_BATCH,), generator=gen).tolist()
         batch = [train_examples[i] for i in idx]
         ids, attn = encode_prompts(tok, [T.build_prompt(cfg.task, ex, split="train", style=style) for ex in batch],
                                    device=device)
@@ -854,8 +857,9 @@ def train(cfg: Config) -> dict:
             else:                                     # skip the step, count it, abort after too many
                 nonfinite_in_a_row += 1
                 summary["nonfinite_steps"] = summary.get("nonfinite_steps", 0) + 1
-                if nonfinite_in_a_row >= 10:
-                    raise RuntimeError("10 non-finite losses or gradients in a row: lower --lr or check the data")
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise RuntimeError(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses or gradients in a row: "
+                                       "lower --lr or check the data")
             losses.append(loss_sum.item())
             grad_norms.append(grad_norm.item())
         # ---- log one fixed-format line and one metrics.jsonl line

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import model as M      # noqa: E402
 import spg_min as S    # noqa: E402
 import tasks as T      # noqa: E402
 

@@ -210,8 +210,9 @@ def main(argv=None):
             else:                          # the same decision on every rank, so no rank waits in a collective
                 skipped, nonfinite_in_a_row = skipped + 1, nonfinite_in_a_row + 1
                 summary["nonfinite_steps"] = summary.get("nonfinite_steps", 0) + 1
-                if nonfinite_in_a_row >= 10:
-                    raise RuntimeError("10 non-finite losses or gradients in a row: lower --lr or check the data")
+                if nonfinite_in_a_row >= S.MAX_NONFINITE_IN_A_ROW:
+                    raise RuntimeError(f"{S.MAX_NONFINITE_IN_A_ROW} non-finite losses or gradients in a row: "
+                                       "lower --lr or check the data")
         # ---- gather rewards; rank 0 logs one line and one metrics.jsonl row
         cat = lambda key: torch.cat([gr[key] for gr in groups])
         stats = all_gather(torch.cat([cat("rewards")[:, None], cat("per_fn"), cat("c").sum(-1, keepdim=True)], 1), device)

@@ -77,7 +77,7 @@ def test_threshold_leaves_no_mask_and_never_uses_more_calls(tiny, threshold):
 def test_rows_done_leave_the_batch():
     """Row 0 is sure of every token (one call per block), row 1 never passes the threshold (the schedule's 4 calls):
     the decoder sees 2 rows, then row 1 alone, and row 1 decodes as it does alone and as without a threshold."""
-    V, mask_id = 5, 4
+    mask_id = 4
     sure, unsure = torch.tensor([9.0, 0, 0, 0, 0]), torch.tensor([1.0, 0.9, 0.8, 0, 0])
 
     class Decoder(torch.nn.Module):   # hidden state = the row's first prompt token, at every position
