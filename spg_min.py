@@ -897,11 +897,15 @@ def parse_config(argv=None) -> Config:
     """CLI built from the Config dataclass; unknown flags are an error.
 
     Precedence: flag > estimator (ESTIMATOR_DEFAULTS) > preset > task > default."""
+    def boolean(text):                                # a typo is an error, not False
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise argparse.ArgumentTypeError(f"{text!r}: pass true or false")
+        return text.lower() in ("1", "true", "yes")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int, "float": float}.get(
-            str(f.type).split(" ")[0], str)
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS)
+        kind = {"bool": boolean, "int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                       help=f"default {f.default!r} (before task, preset and estimator defaults)")
     given = vars(p.parse_args(argv))
     task = given.get("task", Config.task)
     preset = TINY_PRESET if given.get("model") == "tiny" else {}

@@ -101,3 +101,10 @@ def test_fresh_start_into_an_existing_run_is_refused(tmp_path, no_loading):
     with pytest.raises(ValueError, match="resume"):
         S.train(S.Config(task="sudoku", model="tiny", out=str(tmp_path), resume="none"))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'          # nothing lost
+
+
+def test_bool_flags_refuse_typos():
+    assert S.parse_config(["--load-in-4bit", "false"]).load_in_4bit is False
+    assert S.parse_config(["--load-in-4bit", "YES"]).load_in_4bit is True
+    with pytest.raises(SystemExit):
+        S.parse_config(["--load-in-4bit", "ture"])
