@@ -654,6 +654,16 @@ def evaluate(model, tok, task, examples, cfg: Config, *, style: str, mask_id: in
     return T.aggregate(cfg.task, [r["score"] for r in rows], examples), rows
 
 
+def encode_targets(tok, task: str, examples: list[dict], *, gen_length: int, eos_id: int, style: str,
+                   device="cpu") -> torch.Tensor:
+    """Correct completions (tasks.target_completion) as ids [B, Lg], cut to Lg and padded with EOS, as LLaDA's SFT."""
+    targets = torch.full((len(examples), gen_length), eos_id)
+    for row, ex in enumerate(examples):
+        t_ids = tok(T.target_completion(task, ex, style=style), add_special_tokens=False)["input_ids"]
+        targets[row, :len(t_ids)] = torch.tensor(t_ids[:gen_length])
+    return targets.to(device)
+
+
 def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, eos_id, path: Path):
     """Masked-diffusion supervised warm start (the ELBO objective, Eq. 2, on task solutions), cached at path.
 
@@ -672,11 +682,8 @@ def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, e
         batch = [train_examples[i] for i in idx]
         ids, attn = encode_prompts(tok, [T.build_prompt(cfg.task, ex, split="train", style=style) for ex in batch],
                                    device=device)
-        targets = torch.full((len(batch), cfg.gen_length), eos_id)
-        for row, ex in enumerate(batch):
-            t_ids = tok(T.target_completion(cfg.task, ex, style=style), add_special_tokens=False)["input_ids"]
-            targets[row, :len(t_ids)] = torch.tensor(t_ids[:cfg.gen_length])
-        targets = targets.to(device)
+        targets = encode_targets(tok, cfg.task, batch, gen_length=cfg.gen_length, eos_id=eos_id, style=style,
+                                 device=device)                                       # [B, Lg]
         c = torch.ones_like(targets, dtype=torch.bool)
         masked, t = random_forward_process(c, ids.shape[1], m=1, p_mask_prompt=0.0, generator=gen)
         elbo_b, _ = sequence_bounds(model, torch.cat([ids, targets], 1), torch.cat([attn, torch.ones_like(targets)], 1),

@@ -106,10 +106,7 @@ def main(argv=None):
         for step in range(a.sft_steps):
             batch = [train[i] for i in torch.randint(len(train), (a.num_prompts * a.group_size,), generator=gen)]
             prompts, attn = S.encode_prompts(tok, [T.build_prompt("sudoku", e, style=style) for e in batch])
-            target = torch.full((len(batch), cfg.gen_length), ids["eos"])
-            for row, ex in enumerate(batch):
-                t_ids = tok(T.target_completion("sudoku", ex, style=style), add_special_tokens=False)["input_ids"]
-                target[row, :len(t_ids)] = torch.tensor(t_ids)
+            target = S.encode_targets(tok, "sudoku", batch, gen_length=cfg.gen_length, eos_id=ids["eos"], style=style)
             c = S.completion_mask(target, stop)
             seqs, full_attn = torch.cat([prompts, target], 1), torch.cat([attn, torch.ones_like(target)], 1)
             for _ in range(cfg.mu):

@@ -71,11 +71,14 @@ def save_checkpoint(out, step, model, opt, cfg, rank):
     """A collective: trainable weights and optimizer state gathered to rank 0's CPU, written in spg_min's layout."""
     model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    rng_states = [None] * dist.get_world_size()         # every rank's global RNG (LoRA dropout): exact --resume
+    dist.all_gather_object(rng_states, torch.get_rng_state())
     if rank == 0:
         final, tmp = out / f"ckpt_{step:06d}", out / f".tmp_ckpt_{step:06d}"
         tmp.mkdir(parents=True, exist_ok=True)
         meta = {"step": step, "world_size": dist.get_world_size(), "config": dataclasses.asdict(cfg)}
-        torch.save({"model": model_sd, "optimizer": optim_sd, **meta}, tmp / "state.pt")
+        torch.save({"model": model_sd, "optimizer": optim_sd, "torch_rng_per_rank": rng_states, **meta},
+                   tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, final)
     dist.barrier()
@@ -102,6 +105,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.seed)                       # start-up: every rank draws the same LoRA init
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -129,11 +133,14 @@ def main(argv=None):
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=S.ADAM_BETAS, weight_decay=cfg.weight_decay)
     start_step, summary = 0, {"config": dataclasses.asdict(cfg), "world_size": world, "shard": shard}
+    torch.manual_seed(S.make_generator(cfg.seed, 3, rank).initial_seed())  # start-up: this rank's dropout stream
     if latest:                  # every rank reads the full state (--out on a shared filesystem) and keeps its shard
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         start_step, summary = state["step"], json.loads((out / "summary.json").read_text())
+        if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG stream
+            torch.set_rng_state(state["torch_rng_per_rank"][rank])
         if rank == 0:           # drop metrics rows logged after the checkpoint
             rows = (out / "metrics.jsonl").read_text().splitlines()
             (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
@@ -157,7 +164,6 @@ def main(argv=None):
         signal.signal(sig, lambda *_: stop_signal.append(1))
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
-        torch.manual_seed(S.make_generator(cfg.seed, step, 3, rank).initial_seed())  # LoRA dropout: exact --resume
         # ---- rollouts: this rank's k prompts of the single-process batch, one group of g completions at a time
         order = torch.randperm(len(train_set), generator=S.make_generator(cfg.seed, step, 0))[:cfg.num_prompts]
         groups = []
