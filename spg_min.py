@@ -664,11 +664,34 @@ def encode_targets(tok, task: str, examples: list[dict], *, gen_length: int, eos
     return targets.to(device)
 
 
+def sft_step(model, opt, tok, train_examples: list[dict], task: str, *, gen_length: int, style: str, mask_id: int,
+             eos_id: int, generator: torch.Generator) -> float:
+    """One step of the warm start: WARM_START_BATCH solutions drawn with generator, -ELBO (Eq. 2) per token under
+    random masks (the whole completion, EOS padding included), one AdamW step with clipping. Returns the loss."""
+    device = next(model.parameters()).device
+    idx = torch.randint(len(train_examples), (WARM_START_BATCH,), generator=generator).tolist()
+    batch = [train_examples[i] for i in idx]
+    ids, attn = encode_prompts(tok, [T.build_prompt(task, ex, split="train", style=style) for ex in batch],
+                               device=device)
+    targets = encode_targets(tok, task, batch, gen_length=gen_length, eos_id=eos_id, style=style,
+                             device=device)                                           # [B, Lg]
+    c = torch.ones_like(targets, dtype=torch.bool)
+    masked, t = random_forward_process(c, ids.shape[1], m=1, p_mask_prompt=0.0, generator=generator)
+    elbo_b, _ = sequence_bounds(model, torch.cat([ids, targets], 1), torch.cat([attn, torch.ones_like(targets)], 1),
+                                c, masked, t, beta=1.0, mask_id=mask_id)              # [B]
+    loss = -elbo_b.sum() / targets.numel()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, eos_id, path: Path):
     """Masked-diffusion supervised warm start (the ELBO objective, Eq. 2, on task solutions), cached at path.
 
     Completions are padded with EOS to Lg and every position is trained, as in LLaDA's SFT. The budget
-    is deliberately short so that RL has room to improve the model.
+    is deliberately short so that RL has room to improve the model (bench/warm_start_curve.py: how fast it moves).
     """
     from tqdm import tqdm
     if path.exists():
@@ -676,23 +699,9 @@ def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, e
         return
     gen = make_generator(0, WARM_START_SEED)         # the warm start does not depend on the RL seed
     opt = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, betas=ADAM_BETAS)
-    device = next(model.parameters()).device
     for _ in tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None):
-        idx = torch.randint(len(train_examples), (WARM_START_BATCH,), generator=gen).tolist()
-        batch = [train_examples[i] for i in idx]
-        ids, attn = encode_prompts(tok, [T.build_prompt(cfg.task, ex, split="train", style=style) for ex in batch],
-                                   device=device)
-        targets = encode_targets(tok, cfg.task, batch, gen_length=cfg.gen_length, eos_id=eos_id, style=style,
-                                 device=device)                                       # [B, Lg]
-        c = torch.ones_like(targets, dtype=torch.bool)
-        masked, t = random_forward_process(c, ids.shape[1], m=1, p_mask_prompt=0.0, generator=gen)
-        elbo_b, _ = sequence_bounds(model, torch.cat([ids, targets], 1), torch.cat([attn, torch.ones_like(targets)], 1),
-                                    c, masked, t, beta=1.0, mask_id=mask_id)          # [B]
-        loss = -elbo_b.sum() / targets.numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        sft_step(model, opt, tok, train_examples, cfg.task, gen_length=cfg.gen_length, style=style, mask_id=mask_id,
+                 eos_id=eos_id, generator=gen)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -734,6 +743,13 @@ def load_tokenizer(cfg: Config):
     return tok, ("tiny" if cfg.model == "tiny" else "paper"), ids
 
 
+def load_train_set(cfg: Config, tok, style: str) -> list[dict]:
+    """The task's training examples whose prompt fits in cfg.max_prompt_length tokens (within_prompt_limit)."""
+    examples = T.load_train(cfg.task, cfg.data_dir, seed=cfg.seed)
+    return within_prompt_limit(tok, examples, [T.build_prompt(cfg.task, ex, split="train", style=style)
+                                               for ex in examples], cfg.max_prompt_length)
+
+
 def load_model(cfg: Config, vocab_size: int):
     """The tiny CPU model, or a LLaDA checkpoint (4-bit NF4 base when cfg.load_in_4bit) with LoRA."""
     if cfg.model == "tiny":
@@ -761,9 +777,7 @@ def train(cfg: Config) -> dict:
     tok, style, ids = load_tokenizer(cfg)
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     task = T.get_task(cfg.task)
-    train_set = T.load_train(cfg.task, cfg.data_dir, seed=cfg.seed)
-    train_set = within_prompt_limit(tok, train_set, [T.build_prompt(cfg.task, ex, split="train", style=style)
-                                                     for ex in train_set], cfg.max_prompt_length)
+    train_set = load_train_set(cfg, tok, style)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
     model = load_model(cfg, len(tok))
     device = next(model.parameters()).device

@@ -115,11 +115,9 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **kw: None)
     # ---- data, model, optimizer: every rank loads the same model; rank 0 warm-starts the tiny one and broadcasts
     task = T.get_task(cfg.task)
-    train_set = T.load_train(cfg.task, cfg.data_dir, seed=cfg.seed)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
     tok, style, ids = S.load_tokenizer(cfg)
-    train_set = S.within_prompt_limit(tok, train_set, [T.build_prompt(cfg.task, ex, split="train", style=style)
-                                                       for ex in train_set], cfg.max_prompt_length)
+    train_set = S.load_train_set(cfg, tok, style)
     model = S.load_model(cfg, len(tok))
     model = model.to(device) if style == "tiny" else model           # LLaDA is loaded onto this rank's GPU already
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])

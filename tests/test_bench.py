@@ -226,3 +226,44 @@ def test_gradient_probe_quick(tmp_path, extra):
     else:
         assert math.isfinite(float(proc.stdout.split("cos ")[1].split(" ")[0]))     # all-zero gradients give 0
         assert "eta 0.05: held-out" in proc.stdout
+
+
+def test_shuffled_within_groups_keeps_each_group():
+    """bench/noise_control.py: rewards move only within their group, and every group keeps its multiset."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import noise_control as NC
+    rewards = torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0, 2.0, 3.0, 4.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    changed = False
+    for seed in range(5):
+        out = NC.shuffled_within_groups(rewards, groups, torch.Generator().manual_seed(seed))
+        for g in (0, 1):
+            assert sorted(out[groups == g].tolist()) == sorted(rewards[groups == g].tolist())
+        changed |= not torch.equal(out, rewards)
+    assert changed                                                  # a permutation, not the identity every time
+    adv = S.group_advantages(out, groups)
+    assert torch.allclose(adv[groups == 0].sum(), torch.tensor(0.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["shuffle", "perturb"])
+def test_noise_control_quick(tmp_path, mode):
+    """Both controls run to the end from a 3-step warm start and report held-out accuracy."""
+    flags = {"shuffle": ["--out", str(tmp_path / "run")], "perturb": ["--sigmas", "1e-3"]}[mode]
+    cmd = [sys.executable, str(ROOT / "bench" / "noise_control.py"), mode, *flags, "--", "--warm-start-steps", "3",
+           "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts", "2", "--eval-n", "8", "--eval-every", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    if mode == "shuffle":
+        assert lines[-1]["shuffled"] is True and 0.0 <= lines[-1]["after"]["accuracy"] <= 100.0
+    else:
+        assert [x["sigma"] for x in lines] == [0.0, 1e-3] and all(x["n"] == 8 for x in lines)
+
+
+def test_warm_start_curve_quick():
+    """bench/warm_start_curve.py: one line per budget, in order."""
+    cmd = [sys.executable, str(ROOT / "bench" / "warm_start_curve.py"), "--steps", "2,1", "--eval-n", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert [x["warm_start_steps"] for x in lines] == [1, 2] and all(x["n"] == 8 for x in lines)

@@ -243,3 +243,26 @@ def test_spg_raises_a_learnable_reward(estimator):
     assert rewards[0] < 0.05
     assert sum(rewards[-3:]) / 3 > 0.3, rewards
     assert greedy.mean() > 0.3, greedy.mean()
+
+
+def test_sft_step_loop_is_the_cached_warm_start(tmp_path):
+    """sft_warm_start = WARM_START_SEED's generator + AdamW + sft_step repeated, bit for bit (bench/warm_start_curve.py
+    relies on it), and a second call loads the cache instead of training."""
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path), "--warm-start-steps", "3"])
+    tok, style, ids = S.load_tokenizer(cfg)
+    train_set = S.load_train_set(cfg, tok, style)[:500]
+    cached = M.tiny_model(len(tok), seed=0)
+    S.sft_warm_start(cached, tok, train_set, cfg, style=style, mask_id=ids["mask"], eos_id=ids["eos"],
+                     path=tmp_path / "warm.pt")
+    looped = M.tiny_model(len(tok), seed=0)
+    gen = S.make_generator(0, S.WARM_START_SEED)
+    opt = torch.optim.AdamW(looped.parameters(), lr=S.WARM_START_LR, betas=S.ADAM_BETAS)
+    losses = [S.sft_step(looped, opt, tok, train_set, "sudoku", gen_length=cfg.gen_length, style=style,
+                         mask_id=ids["mask"], eos_id=ids["eos"], generator=gen) for _ in range(3)]
+    for (name, a), b in zip(cached.state_dict().items(), looped.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(math.isfinite(x) for x in losses)
+    reloaded = M.tiny_model(len(tok), seed=1)                      # a different init, replaced by the cache
+    S.sft_warm_start(reloaded, tok, train_set, cfg, style=style, mask_id=ids["mask"], eos_id=ids["eos"],
+                     path=tmp_path / "warm.pt")
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), reloaded.state_dict().values()))
