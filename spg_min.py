@@ -66,6 +66,7 @@ ADAM_BETAS = (0.9, 0.99)      # train.yaml:23-25 of the reference
 WARM_START_LR = 1e-3         # supervised warm start of the tiny model (AdamW)
 WARM_START_BATCH = 64        # solutions per warm-start step
 WARM_START_SEED = 7          # the warm start's data and masks: make_generator(0, WARM_START_SEED), not the RL seed
+WARM_START_DATA_SEED = 42    # the training set the warm start draws from (Config's default seed), whatever the RL seed
 MAX_NONFINITE_IN_A_ROW = 10  # skipped steps in a row before the run aborts
 LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
 
@@ -105,6 +106,7 @@ class Config:
     d1_beta_kl: float = 0.04            # weight of the k3 KL penalty to the reference model
     # optimisation
     lr: float = 3e-6
+    adam_eps: float = 1e-8              # AdamW eps (torch's default; bench/noise_control.py tries 1e-4)
     weight_decay: float = 0.1
     grad_clip: float = 0.2
     load_in_4bit: bool = True           # NF4 base + LoRA (ignored for the tiny model)
@@ -159,6 +161,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.omega <= 1.0, f"omega={cfg.omega} must lie in [0, 1] (Eq. 8)")
     need(0.0 <= cfg.p_mask_prompt < 1.0, f"p_mask_prompt={cfg.p_mask_prompt} must lie in [0, 1)")
     need(cfg.num_mc >= 1 and cfg.mu >= 1 and cfg.micro_batch >= 1, "num_mc, mu and micro_batch must be >= 1")
+    need(cfg.adam_eps > 0.0, f"adam_eps={cfg.adam_eps} must be > 0")
     need(cfg.temperature >= 0.0, f"temperature={cfg.temperature} must be >= 0")
     need(cfg.resume in ("auto", "none") or (Path(cfg.resume) / "state.pt").exists(),
          f"resume={cfg.resume!r}: pass auto, none, or a checkpoint directory holding state.pt")
@@ -687,7 +690,15 @@ def sft_step(model, opt, tok, train_examples: list[dict], task: str, *, gen_leng
     return loss.item()
 
 
-def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, eos_id, path: Path):
+def warm_start_setup(model, tok, cfg: Config, style: str):
+    """(training examples, AdamW, generator) of the warm start. The examples are the task's training set drawn with
+    WARM_START_DATA_SEED, so that the cached warm start is the same for every RL seed."""
+    examples = load_train_set(dataclasses.replace(cfg, seed=WARM_START_DATA_SEED), tok, style)
+    opt = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, betas=ADAM_BETAS)
+    return examples, opt, make_generator(0, WARM_START_SEED)
+
+
+def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Path):
     """Masked-diffusion supervised warm start (the ELBO objective, Eq. 2, on task solutions), cached at path.
 
     Completions are padded with EOS to Lg and every position is trained, as in LLaDA's SFT. The budget
@@ -697,10 +708,9 @@ def sft_warm_start(model, tok, train_examples, cfg: Config, *, style, mask_id, e
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return
-    gen = make_generator(0, WARM_START_SEED)         # the warm start does not depend on the RL seed
-    opt = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, betas=ADAM_BETAS)
+    examples, opt, gen = warm_start_setup(model, tok, cfg, style)   # independent of the RL seed
     for _ in tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None):
-        sft_step(model, opt, tok, train_examples, cfg.task, gen_length=cfg.gen_length, style=style, mask_id=mask_id,
+        sft_step(model, opt, tok, examples, cfg.task, gen_length=cfg.gen_length, style=style, mask_id=mask_id,
                  eos_id=eos_id, generator=gen)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".tmp"))
@@ -782,12 +792,12 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg, len(tok))
     device = next(model.parameters()).device
     if style == "tiny" and cfg.warm_start_steps:
-        sft_warm_start(model, tok, train_set, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
+        sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
                        path=warm_start_path(cfg))
     # d1's KL reference: the model as RL starts (the warm start; a resumed run's reference is the same)
     ref_model, ref_context = d1_reference(model) if cfg.estimator == "d1" else (None, None)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     start_step, summary = 0, {"config": dataclasses.asdict(cfg)}
     ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
     if ckpt is not None:                                  # resume: weights, optimizer, step, RNG
@@ -799,6 +809,7 @@ def train(cfg: Config) -> dict:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start_step = state["step"]
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else summary
+        summary["config"] = dataclasses.asdict(cfg)        # e.g. a longer --max-steps than the run was started with
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         kept = [l for l in lines if json.loads(l)["step"] <= start_step]
         (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))

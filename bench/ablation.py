@@ -12,8 +12,9 @@ problems), the same number of steps and the same seeds for every config:
 
 EUBO on Countdown uses beta 2.0, the paper's choice for that pair (App. G.2); everything else is the preset.
 Each run writes OUT/<task>/<config>/seed<k>/ (metrics.jsonl, summary.json, run_time.json). A run whose
-summary.json holds `eval_after` is done and skipped; an unfinished one continues from its newest checkpoint
-(spg_min's `--resume auto`), so the script can be stopped and started again. A finished run keeps only its last
+summary.json holds `eval_after` after --max-steps steps is done and skipped; an unfinished one, or one finished at
+fewer steps, continues from its newest checkpoint (spg_min's `--resume auto`), so the script can be stopped and
+started again. A finished run keeps only its last
 checkpoint (13 MB each for the tiny model).
 
 Outputs. OUT/ablation.md: per task x config, held-out accuracy after the last step (mean and min-max over
@@ -88,9 +89,11 @@ def config_for(task: str, config: str, seed: int, args) -> S.Config:
     return S.parse_config(argv)
 
 
-def is_done(run: Path) -> bool:
+def is_done(run: Path, max_steps: int) -> bool:
+    """Finished at this length: a run finished at fewer steps is continued from its last checkpoint, not reused."""
     summary = run / "summary.json"
-    return summary.exists() and "eval_after" in json.loads(summary.read_text())
+    done = json.loads(summary.read_text()) if summary.exists() else {}
+    return "eval_after" in done and done.get("steps") == max_steps
 
 
 def run_one(cfg: S.Config) -> None:
@@ -224,7 +227,7 @@ def main(argv=None):
     for k, (task, config, seed) in enumerate(jobs):
         cfg = config_for(task, config, seed, args)
         S.validate(cfg)
-        if args.report_only or is_done(Path(cfg.out)):
+        if args.report_only or is_done(Path(cfg.out), args.max_steps):
             continue
         print(f"[{k + 1}/{len(jobs)}] {task} {config} seed {seed} -> {cfg.out}", flush=True)
         run_one(cfg)
@@ -232,7 +235,7 @@ def main(argv=None):
     for task in args.task_list:
         for config in args.config_list:
             runs = [read_run(run_dir(args.out, task, config, s)) for s in args.seed_list
-                    if is_done(run_dir(args.out, task, config, s))]
+                    if is_done(run_dir(args.out, task, config, s), args.max_steps)]
             if runs:
                 results[(task, config)] = seed_summary(runs, args.gain)
                 curves[(task, config)] = [r["reward"] for r in runs]

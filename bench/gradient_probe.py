@@ -73,7 +73,7 @@ def main(argv=None):
     base = S.load_model(cfg, len(tok))
     if a.quick:
         cfg.warm_start_steps = 30
-    S.sft_warm_start(base, tok, train, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
+    S.sft_warm_start(base, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
                      path=S.warm_start_path(cfg) if not a.quick else Path(a.cache_dir) / "probe_quick.pt")
     train_probe = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))]
     train_probe = train_probe[:a.eval_n]

@@ -1,22 +1,23 @@
 """Is it noise? Two controls for why RL does not move the tiny Sudoku model (README, "Results").
 
 shuffle   One `spg_min.train` run whose rewards are permuted within each group before the advantages are taken:
-          the update keeps every statistic of a real run (advantage sizes, masks, bounds, optimizer) but no reward
-          signal, so its expected gradient is zero. If it damages the model as much as the real run, the damage
-          comes from the update's noise, not from a reward-correlated bias. The permutation draws from its own
-          generator (seeded with --seed); everything else is spg_min's. `--adam-eps` overrides AdamW's eps (1e-8)
-          for the RL optimizer, in this run and in the real-reward run made with `--real`.
-perturb   Gaussian noise of each std in --sigmas added to every weight of the cached warm start, then the greedy
-          held-out evaluation: how far can the weights move in a random direction before accuracy drops?
+          the update keeps the statistics of a real run (advantage sizes, masks, bounds, optimizer) but loses the
+          reward signal. Only with `--estimator elbo` is its expected gradient zero: the other estimators score a
+          row with the ELBO or with another bound depending on the sign of its advantage, so even random advantages
+          push on the gap between the bounds; the control therefore refuses them. The permutations draw from their
+          own generator stream (SHUFFLE_STREAM). `--real` makes the same run with the real rewards, for comparison.
+          Each run is fresh (`--resume none`): a resumed control would restart its permutation stream.
+perturb   Gaussian noise of each std in --sigmas (one draw each) added to every weight of the cached tiny warm
+          start, then the greedy held-out evaluation: how far can the weights move in a random direction before
+          accuracy drops?
 
-Any flag after `--` goes to spg_min (task, warm start, learning rate, estimator, steps, ...).
+Flags after `--` go to spg_min (warm start, learning rate, estimator, steps, `--adam-eps`, ...).
 
-Run: OMP_NUM_THREADS=1 python bench/noise_control.py shuffle --out /tmp/nc_shuffle -- --warm-start-steps 300 \
-         --max-steps 20 --eval-every 10 --lr 3e-4 --estimator elbo           [--real] [--adam-eps 1e-4]
+Run: OMP_NUM_THREADS=1 python bench/noise_control.py shuffle [--real] --out /tmp/nc_shuffled -- \\
+         --warm-start-steps 300 --max-steps 20 --eval-every 10 --lr 3e-4 --estimator elbo [--adam-eps 1e-4]
      OMP_NUM_THREADS=1 python bench/noise_control.py perturb --sigmas 3e-4,1e-3,3e-3 -- --warm-start-steps 300
 """
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -27,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import spg_min as S    # noqa: E402
 import tasks as T      # noqa: E402
 
-
 SHUFFLE_STREAM = 9_001   # make_generator part for the permutations: a stream spg_min never draws from
+PERTURB_STREAM = 9_002   # ... and for the weight noise
 
 
 def shuffled_within_groups(rewards: torch.Tensor, group_ids: torch.Tensor, generator: torch.Generator):
@@ -40,53 +41,67 @@ def shuffled_within_groups(rewards: torch.Tensor, group_ids: torch.Tensor, gener
     return out
 
 
-def warm_started(cfg):
-    """(tokenizer, style, special ids, model) with the cached warm start loaded (built first if missing)."""
-    tok, style, ids = S.load_tokenizer(cfg)
-    model = S.load_model(cfg, len(tok))
-    S.sft_warm_start(model, tok, S.load_train_set(cfg, tok, style), cfg, style=style,
-                     mask_id=ids["mask"], eos_id=ids["eos"], path=S.warm_start_path(cfg))
-    return tok, style, ids, model
+def perturbed(state: dict, sigma: float, generator: torch.Generator) -> dict:
+    """A copy of a state dict with N(0, sigma^2) noise added to every floating-point tensor (on the CPU)."""
+    return {k: v + torch.randn(v.shape, generator=generator).to(v) * sigma if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
 
 
 def run_shuffle(args, cfg):
-    warm_started(cfg)               # build the cache now, so that the eps override below reaches RL only
-    if args.adam_eps is not None:   # spg_min builds its optimizer as torch.optim.AdamW(params, lr=..., ...)
-        S.torch.optim.AdamW = functools.partial(torch.optim.AdamW, eps=args.adam_eps)
-    if not args.real:
+    if cfg.estimator != "elbo" and not args.real:
+        raise SystemExit(f"shuffle: --estimator {cfg.estimator} scores rows by the sign of their advantage, so shuffled "
+                         "rewards still push on the gap between the bounds; pass `-- --estimator elbo`")
+    if not args.real:   # train() looks group_advantages up in spg_min at each step, so this replacement reaches it
         gen, advantages = S.make_generator(cfg.seed, SHUFFLE_STREAM), S.group_advantages
         S.group_advantages = lambda r, g: advantages(shuffled_within_groups(r, g, gen), g)
     summary = S.train(cfg)
-    print(json.dumps({"shuffled": not args.real, "adam_eps": args.adam_eps, "before": summary["eval_before"],
+    print(json.dumps({"shuffled": not args.real, "adam_eps": cfg.adam_eps, "before": summary["eval_before"],
                       "after": summary["eval_after"]}))
 
 
 def run_perturb(args, cfg):
-    tok, style, ids, model = warm_started(cfg)
+    tok, style, ids = S.load_tokenizer(cfg)
+    model = S.load_model(cfg, len(tok))
+    S.sft_warm_start(model, tok, cfg, style=style, mask_id=ids["mask"], eos_id=ids["eos"], path=S.warm_start_path(cfg))
     task = T.get_task(cfg.task)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
-    warm, gen = {k: v.clone() for k, v in model.state_dict().items()}, S.make_generator(cfg.seed, 0)
+    warm, gen = {k: v.clone() for k, v in model.state_dict().items()}, S.make_generator(cfg.seed, PERTURB_STREAM)
     for sigma in [0.0, *args.sigmas]:
-        model.load_state_dict(warm)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * sigma)
+        model.load_state_dict(perturbed(warm, sigma, gen))
         metrics, _ = S.evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=ids["mask"],
                                 stop_ids=(ids["eos"], ids["eot"]))
         print(json.dumps({"sigma": sigma, **metrics}), flush=True)
 
 
-def main():
-    argv = sys.argv[1:]
+def positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers separated by commas, e.g. 3e-4,1e-3")
+    return values
+
+
+def parse(argv):
     ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["shuffle", "perturb"])
-    p.add_argument("--out", default="runs/noise_control", help="shuffle: the run's --out")
-    p.add_argument("--real", action="store_true", help="shuffle: keep the real rewards (the comparison run)")
-    p.add_argument("--adam-eps", type=float, default=None, help="shuffle: AdamW eps for RL (default 1e-8)")
-    p.add_argument("--sigmas", type=lambda s: [float(x) for x in s.split(",")], default=[3e-4, 1e-3, 3e-3])
+    modes = p.add_subparsers(dest="mode", required=True)
+    shuffle = modes.add_parser("shuffle", help="a train() run with rewards shuffled within each group")
+    shuffle.add_argument("--out", required=True, help="the run's directory (must not hold a run)")
+    shuffle.add_argument("--real", action="store_true", help="keep the real rewards (the comparison run)")
+    perturb = modes.add_parser("perturb", help="held-out accuracy of the warm start under random weight noise")
+    perturb.add_argument("--sigmas", type=positive_floats, default=[3e-4, 1e-3, 3e-3])
     args = p.parse_args(ours)
-    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", args.out, *theirs])
+    out = ["--out", args.out, "--resume", "none"] if args.mode == "shuffle" else ["--out", "runs/noise_control"]
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", *out, *theirs])
+    if cfg.model != "tiny":
+        p.error("the controls are for the tiny CPU model; drop --model")
+    return args, cfg
+
+
+def main(argv=None):
+    args, cfg = parse(sys.argv[1:] if argv is None else argv)
     (run_shuffle if args.mode == "shuffle" else run_perturb)(args, cfg)
 
 

@@ -123,13 +123,13 @@ def main(argv=None):
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     if style == "tiny" and cfg.warm_start_steps:
         if rank == 0:
-            S.sft_warm_start(model, tok, train_set, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
+            S.sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
                              path=S.warm_start_path(cfg))
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     model = shard_model(model, shard, device)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=S.ADAM_BETAS, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=S.ADAM_BETAS, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     start_step, summary = 0, {"config": dataclasses.asdict(cfg), "world_size": world, "shard": shard}
     torch.manual_seed(S.make_generator(cfg.seed, 3, rank).initial_seed())  # start-up: this rank's dropout stream
     if latest:                  # every rank reads the full state (--out on a shared filesystem) and keeps its shard
