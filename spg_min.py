@@ -768,13 +768,8 @@ def load_model(cfg: Config, vocab_size: int):
     return M.add_lora(net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training: rollouts -> rewards -> advantages -> mu inner updates -> log -> maybe eval / save.
-
-def train(cfg: Config) -> dict:
-    from tqdm import tqdm
-    validate(cfg)                                   # every check comes before data and model loading
-    torch.manual_seed(cfg.seed)                     # the global RNG (LoRA init and dropout) derives from the seed too
+def prepare_out(cfg: Config) -> Path:
+    """The run directory, created; ValueError naming the fix if it cannot be written or (--resume none) holds a run."""
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -784,6 +779,36 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"out={cfg.out} is not writable: pass --out with a writable directory")
     if cfg.resume == "none" and (out / "metrics.jsonl").exists():
         raise ValueError(f"out={cfg.out} already holds a run: pass a new --out, or --resume auto to continue it")
+    return out
+
+
+def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dict]:
+    """Load a checkpoint's weights, optimizer and RNG state; cut metrics.jsonl back to its step.
+    Returns (its step, the run's summary with this config)."""
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    step = state["step"]
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary["config"] = dataclasses.asdict(cfg)            # e.g. a longer --max-steps than the run was started with
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    kept = [l for l in lines if json.loads(l)["step"] <= step]
+    (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+    summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
+    return step, summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: rollouts -> rewards -> advantages -> mu inner updates -> log -> maybe eval / save.
+
+def train(cfg: Config) -> dict:
+    from tqdm import tqdm
+    validate(cfg)                                   # every check comes before data and model loading
+    torch.manual_seed(cfg.seed)                     # the global RNG (LoRA init and dropout) derives from the seed too
+    out = prepare_out(cfg)
     tok, style, ids = load_tokenizer(cfg)
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     task = T.get_task(cfg.task)
@@ -798,22 +823,8 @@ def train(cfg: Config) -> dict:
     ref_model, ref_context = d1_reference(model) if cfg.estimator == "d1" else (None, None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    start_step, summary = 0, {"config": dataclasses.asdict(cfg)}
     ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
-    if ckpt is not None:                                  # resume: weights, optimizer, step, RNG
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step = state["step"]
-        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else summary
-        summary["config"] = dataclasses.asdict(cfg)        # e.g. a longer --max-steps than the run was started with
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
-        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
-        summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
+    start_step, summary = resume_run(ckpt, out, model, opt, cfg) if ckpt else (0, {"config": dataclasses.asdict(cfg)})
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)
     if "eval_before" not in summary:
