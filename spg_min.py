@@ -162,6 +162,9 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.p_mask_prompt < 1.0, f"p_mask_prompt={cfg.p_mask_prompt} must lie in [0, 1)")
     need(cfg.num_mc >= 1 and cfg.mu >= 1 and cfg.micro_batch >= 1, "num_mc, mu and micro_batch must be >= 1")
     need(cfg.adam_eps > 0.0, f"adam_eps={cfg.adam_eps} must be > 0")
+    need(cfg.max_steps >= 1 and cfg.eval_n >= 1 and cfg.save_every >= 1 and cfg.eval_every >= 0,
+         f"max_steps, eval_n and save_every must be >= 1, eval_every >= 0 (got {cfg.max_steps}, {cfg.eval_n}, "
+         f"{cfg.save_every}, {cfg.eval_every})")
     need(cfg.temperature >= 0.0, f"temperature={cfg.temperature} must be >= 0")
     need(cfg.resume in ("auto", "none") or (Path(cfg.resume) / "state.pt").exists(),
          f"resume={cfg.resume!r}: pass auto, none, or a checkpoint directory holding state.pt")
@@ -825,6 +828,8 @@ def train(cfg: Config) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
     start_step, summary = resume_run(ckpt, out, model, opt, cfg) if ckpt else (0, {"config": dataclasses.asdict(cfg)})
+    if ckpt:
+        print(f"resumed from {ckpt} (step {start_step}); --resume none refuses to continue a run")
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)
     if "eval_before" not in summary:

@@ -51,6 +51,8 @@ def run_shuffle(args, cfg):
     if cfg.estimator != "elbo" and not args.real:
         raise SystemExit(f"shuffle: --estimator {cfg.estimator} scores rows by the sign of their advantage, so shuffled "
                          "rewards still push on the gap between the bounds; pass `-- --estimator elbo`")
+    if (Path(cfg.out) / "metrics.jsonl").exists():
+        raise SystemExit(f"shuffle: {cfg.out} already holds a run; a control must start fresh: pass a new --out")
     if not args.real:   # train() looks group_advantages up in spg_min at each step, so this replacement reaches it
         gen, advantages = S.make_generator(cfg.seed, SHUFFLE_STREAM), S.group_advantages
         S.group_advantages = lambda r, g: advantages(shuffled_within_groups(r, g, gen), g)
@@ -85,7 +87,8 @@ def positive_floats(text: str) -> list[float]:
 
 def parse(argv):
     ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="spg_min flags go after `--`, e.g. `perturb -- --warm-start-steps 300`")
     modes = p.add_subparsers(dest="mode", required=True)
     shuffle = modes.add_parser("shuffle", help="a train() run with rewards shuffled within each group")
     shuffle.add_argument("--out", required=True, help="the run's directory (must not hold a run)")

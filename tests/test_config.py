@@ -32,6 +32,10 @@ def no_loading(monkeypatch):
     (dict(estimator="d1"), "num_mc=1 and masking=d1"),                    # d1 scores one fully masked copy
     (dict(estimator="d1", num_mc=1, masking="block"), "masking=d1"),
     (dict(estimator="d1", num_mc=1, masking="d1", d1_epsilon=1.5), "d1_epsilon"),
+    (dict(max_steps=0), "max_steps"),
+    (dict(eval_n=-3), "eval_n"),
+    (dict(eval_every=-1), "eval_every"),
+    (dict(adam_eps=0.0), "adam_eps"),
 ])
 def test_bad_setting_is_refused_first(tmp_path, no_loading, overrides, named):
     cfg = S.Config(task="sudoku", model="tiny", out=str(tmp_path), **overrides)
