@@ -785,6 +785,14 @@ def prepare_out(cfg: Config) -> Path:
     return out
 
 
+def cut_metrics(out: Path, step: int) -> list[str]:
+    """Drop the metrics.jsonl rows logged after `step` (a resumed run logs them again); returns the rows kept."""
+    path = out / "metrics.jsonl"
+    kept = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step] if path.exists() else []
+    path.write_text("".join(l + "\n" for l in kept))
+    return kept
+
+
 def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dict]:
     """Load a checkpoint's weights, optimizer and RNG state; cut metrics.jsonl back to its step.
     Returns (its step, the run's summary with this config)."""
@@ -797,9 +805,7 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
     step = state["step"]
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     summary["config"] = dataclasses.asdict(cfg)            # e.g. a longer --max-steps than the run was started with
-    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-    kept = [l for l in lines if json.loads(l)["step"] <= step]
-    (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+    kept = cut_metrics(out, step)
     summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
     return step, summary
 

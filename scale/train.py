@@ -140,8 +140,7 @@ def main(argv=None):
         if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG stream
             torch.set_rng_state(state["torch_rng_per_rank"][rank])
         if rank == 0:           # drop metrics rows logged after the checkpoint
-            rows = (out / "metrics.jsonl").read_text().splitlines()
-            (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
+            S.cut_metrics(out, start_step)
 
     def evaluate(desc):
         """Every rank scores an equal slice (padded with the last example, so all run the same forwards)."""

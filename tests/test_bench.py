@@ -260,9 +260,9 @@ def test_perturbed_adds_noise_of_the_given_size():
     assert torch.equal(state["w"], torch.zeros(200, 200))               # the warm state is left as it was
 
 
-def noise_control(tmp_path, *args, warm_steps=3):
-    flags = ["--warm-start-steps", str(warm_steps), "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts", "2",
-             "--eval-n", "8", "--eval-every", "1", "--estimator", "elbo"]
+def noise_control(tmp_path, *args, warm_steps=3, spg_flags=()):
+    flags = ["--warm-start-steps", str(warm_steps), "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts",
+             "2", "--eval-n", "8", "--eval-every", "1", "--estimator", "elbo", *spg_flags]
     cmd = [sys.executable, str(ROOT / "bench" / "noise_control.py"), *args, "--", *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
@@ -278,14 +278,12 @@ def test_noise_control_shuffle_quick(tmp_path):
         runs[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     assert runs["shuffled"]["reward/mean"] == runs["real"]["reward/mean"] and runs["real"]["reward/std"] > 0
     assert runs["shuffled"]["loss"] != runs["real"]["loss"]
-    cmd = [sys.executable, str(ROOT / "bench" / "noise_control.py"), "shuffle", "--out", str(tmp_path / "eps"), "--",
-           "--warm-start-steps", "3", "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts", "2",
-           "--eval-n", "8", "--estimator", "elbo", "--adam-eps", "1e-4", "--save-every", "1"]
-    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT).returncode == 0
+    eps = noise_control(tmp_path, "shuffle", "--out", str(tmp_path / "eps"), spg_flags=["--adam-eps", "1e-4",
+                                                                                     "--save-every", "1"])
+    assert eps.returncode == 0
     state = torch.load(tmp_path / "eps" / "ckpt_000001" / "state.pt", weights_only=False)
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-4
-    refused = subprocess.run(cmd[:4] + [str(tmp_path / "mix"), "--", "--estimator", "mix"], capture_output=True,
-                             text=True, timeout=120, cwd=ROOT)
+    refused = noise_control(tmp_path, "shuffle", "--out", str(tmp_path / "mix"), spg_flags=["--estimator", "mix"])
     assert refused.returncode != 0 and "--estimator elbo" in refused.stderr
 
 
