@@ -11,11 +11,11 @@ Shapes: B batch, L sequence length, V vocabulary, H hidden size.
 """
 import functools
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -183,6 +183,8 @@ def add_lora(model, *, r=128, alpha=64, dropout=0.05, targets=LORA_TARGETS_PAPER
 
     Defaults are the paper's r=128, alpha=64, dropout 0.05 (spg_spec.md checklist).
     """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # see is_peft: imported on use
+
     if getattr(model, "is_loaded_in_4bit", False):
         # Upcasts norms/embeddings to fp32 and freezes the base. Only for a quantized model (field case B27).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -196,9 +198,16 @@ def add_lora(model, *, r=128, alpha=64, dropout=0.05, targets=LORA_TARGETS_PAPER
     return get_peft_model(model, lora)
 
 
+def is_peft(model) -> bool:
+    """True for a peft-wrapped (LoRA) model. peft is imported only where LoRA is used, in add_lora: importing it
+    loads bitsandbytes, which prints a warning about missing CPU kernels that a tiny CPU run has no use for."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def decoder_and_head(model):
     """(decoder, lm_head) of a plain or peft-wrapped model. decoder(input_ids=[B, L], attention_mask=[B, L],
     position_ids=[B, L]).last_hidden_state is [B, L, H] (LoRA layers included); lm_head maps H -> V, so the
     caller can project only the positions it scores instead of materialising [B, L, V]."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = model.get_base_model() if is_peft(model) else model
     return base.model, base.lm_head

@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 
 import model as M
@@ -145,6 +144,7 @@ def validate(cfg: Config) -> None:
     def need(ok, msg):
         if not ok:
             raise ValueError(msg)
+    need(cfg.task in T.TASKS, f"task={cfg.task!r}: choose from {', '.join(T.TASKS)}")
     need(cfg.gen_length % cfg.block_length == 0,
          f"gen_length={cfg.gen_length} must be a multiple of block_length={cfg.block_length}")
     blocks = cfg.gen_length // cfg.block_length
@@ -454,7 +454,7 @@ def d1_reference(model):
     A LoRA model is its own reference with the adapters disabled (peft `disable_adapter()`, as d1 does): the
     frozen base. A fully fine-tuned model (the tiny CPU model) gets a frozen deep copy of its weights now.
     """
-    if isinstance(model, PeftModel):
+    if M.is_peft(model):
         return model, model.disable_adapter
     return copy.deepcopy(model).requires_grad_(False), contextlib.nullcontext
 
@@ -710,7 +710,9 @@ def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Pat
     from tqdm import tqdm
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
+        print(f"warm start: loaded {path}", flush=True)
         return
+    print(f"warm start: {cfg.warm_start_steps} supervised steps, cached at {path} for the next run", flush=True)
     examples, opt, gen = warm_start_setup(model, tok, cfg, style)   # independent of the RL seed
     for _ in tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None):
         sft_step(model, opt, tok, examples, cfg.task, gen_length=cfg.gen_length, style=style, mask_id=mask_id,
@@ -955,7 +957,7 @@ def parse_config(argv=None) -> Config:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise argparse.ArgumentTypeError(f"{text!r}: pass true or false")
         return text.lower() in ("1", "true", "yes")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)  # --est is not --estimator
     for f in dataclasses.fields(Config):
         kind = {"bool": boolean, "int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
@@ -964,7 +966,12 @@ def parse_config(argv=None) -> Config:
     task = given.get("task", Config.task)
     preset = TINY_PRESET if given.get("model") == "tiny" else {}
     estimator = ESTIMATOR_DEFAULTS.get(given.get("estimator"), {})
-    return Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **estimator, **given})
+    cfg = Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **estimator, **given})
+    try:
+        validate(cfg)
+    except ValueError as err:                         # a usage error, not a traceback
+        p.error(str(err))
+    return cfg
 
 
 if __name__ == "__main__":

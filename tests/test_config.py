@@ -79,8 +79,20 @@ def test_presets_and_flag_precedence():
     assert cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--estimator", "d1"])
     assert (cfg.num_mc, cfg.masking) == (1, "d1")                           # ESTIMATOR_DEFAULTS
-    with pytest.raises(ValueError, match="num_mc=1"):
-        S.validate(S.parse_config(["--estimator", "d1", "--num-mc", "2"]))   # a flag beats the estimator default
+    with pytest.raises(ValueError, match="num_mc=1"):                       # a flag beats the estimator default
+        S.validate(S.Config(**{**S.ESTIMATOR_DEFAULTS["d1"], "estimator": "d1", "num_mc": 2}))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "sudok"], "task='sudok': choose from gsm8k, math, countdown, sudoku"),
+    (["--task", "sudoku", "--estimator", "mixx"], "estimator='mixx': choose from"),
+    (["--estimator", "d1", "--num-mc", "2"], "needs num_mc=1"),
+    (["--task", "sudoku", "--est", "mix"], "unrecognized arguments: --est mix"),   # no prefix matching
+])
+def test_the_cli_refuses_bad_values_with_a_usage_error_naming_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        S.parse_config(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_prompts_over_the_limit_are_refused_whole_never_truncated():

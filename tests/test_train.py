@@ -245,7 +245,7 @@ def test_spg_raises_a_learnable_reward(estimator):
     assert greedy.mean() > 0.3, greedy.mean()
 
 
-def test_sft_step_loop_is_the_cached_warm_start(tmp_path):
+def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
     """sft_warm_start = warm_start_setup + sft_step repeated, bit for bit (bench/warm_start_curve.py relies on it);
     the warm start does not depend on the RL seed; a second call loads the cache instead of training."""
     cfgs = [S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path), "--warm-start-steps", "3",
@@ -263,6 +263,7 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path):
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert same(cached[0], looped) and same(cached[0], cached[1])       # seeds 1 and 2: one warm start
     assert not same(cached[0], warm())                                  # and it trained
+    assert f"warm start: 3 supervised steps, cached at {tmp_path / 'a.pt'}" in capsys.readouterr().out  # not silent
     reloaded = M.tiny_model(len(tok), seed=1)                           # a different init, replaced by the cache
     S.sft_warm_start(reloaded, tok, cfgs[0], style=style, mask_id=ids["mask"], eos_id=ids["eos"], path=tmp_path / "a.pt")
-    assert same(cached[0], reloaded)
+    assert same(cached[0], reloaded) and f"warm start: loaded {tmp_path / 'a.pt'}" in capsys.readouterr().out
