@@ -950,7 +950,8 @@ def train(cfg: Config) -> dict:
 
 
 def parse_config(argv=None) -> Config:
-    """CLI built from the Config dataclass; unknown flags are an error.
+    """CLI built from the Config dataclass; unknown flags, abbreviated flags and any value validate() refuses are
+    usage errors (exit 2, the message names the fix).
 
     Precedence: flag > estimator (ESTIMATOR_DEFAULTS) > preset > task > default."""
     def boolean(text):                                # a typo is an error, not False
@@ -969,8 +970,8 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **estimator, **given})
     try:
         validate(cfg)
-    except ValueError as err:                         # a usage error, not a traceback
-        p.error(str(err))
+    except ValueError as err:                         # a usage error, not a traceback; wrappers have their own usage
+        p.exit(2, f"{p.prog}: error: {err}\n")
     return cfg
 
 

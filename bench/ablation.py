@@ -226,7 +226,6 @@ def main(argv=None):
     jobs = [(task, config, seed) for task in args.task_list for config in args.config_list for seed in args.seed_list]
     for k, (task, config, seed) in enumerate(jobs):
         cfg = config_for(task, config, seed, args)
-        S.validate(cfg)
         if args.report_only or is_done(Path(cfg.out), args.max_steps):
             continue
         print(f"[{k + 1}/{len(jobs)}] {task} {config} seed {seed} -> {cfg.out}", flush=True)

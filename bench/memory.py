@@ -80,13 +80,12 @@ def measure(cfg: S.Config, prompt_length: int) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)  # the rest is spg_min's
     p.add_argument("--model", default=S.Config.model)
     p.add_argument("--prompt-length", type=int, default=200)
     p.add_argument("--estimate", action="store_true", help="print the shape-based estimate even with a GPU")
     args, rest = p.parse_known_args()
     cfg = S.parse_config(["--task", "gsm8k", "--model", args.model, *rest])
-    S.validate(cfg)
     est = estimate(shapes(args.model), cfg, args.prompt_length)
     print(f"| estimate for {args.model}, micro-batch {cfg.micro_batch} x m {cfg.num_mc}, "
           f"P {args.prompt_length} + Lg {cfg.gen_length} | GB |\n|---|---|")

@@ -85,12 +85,12 @@ def save_checkpoint(out, step, model, opt, cfg, rank):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="SPG over several ranks; every other flag is spg_min's")
+    p = argparse.ArgumentParser(description="SPG over several ranks; every other flag is spg_min's",
+                                allow_abbrev=False)
     p.add_argument("--shard", choices=["fsdp", "ddp"], default=None, help="default: ddp for a 4-bit base, else fsdp")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args, rest = p.parse_known_args(argv)
     cfg = S.parse_config(rest)
-    S.validate(cfg)
     if cfg.estimator == "d1":
         raise SystemExit("scale/ runs SPG only: run the d1 baseline (--estimator d1) with spg_min.py")
     four_bit = cfg.model != "tiny" and cfg.load_in_4bit

@@ -79,7 +79,7 @@ def test_presets_and_flag_precedence():
     assert cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--estimator", "d1"])
     assert (cfg.num_mc, cfg.masking) == (1, "d1")                           # ESTIMATOR_DEFAULTS
-    with pytest.raises(ValueError, match="num_mc=1"):                       # a flag beats the estimator default
+    with pytest.raises(ValueError, match="num_mc=1"):
         S.validate(S.Config(**{**S.ESTIMATOR_DEFAULTS["d1"], "estimator": "d1", "num_mc": 2}))
 
 
