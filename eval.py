@@ -9,6 +9,7 @@ the adapter. Writes every generation with its extracted answer and credit to OUT
 and the accuracy table to OUT/results_<task>.md.
 """
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,18 +22,20 @@ import tasks as T
 def load_for_eval(model_name: str, adapter: str | None, vocab_size: int):
     """The model to evaluate, in eval mode: tiny or LLaDA (bf16 on GPU, float32 on CPU) with the adapter's weights."""
     import model as M
+    state = torch.load(Path(adapter) / "state.pt", map_location="cpu", weights_only=False) if adapter else None
     if model_name == "tiny":
         net = M.tiny_model(vocab_size)
     else:
         net = M.load_llada(model_name, load_in_4bit=False)
-        if adapter:
-            net = M.add_lora(net, dropout=0.0)            # the same modules and rank as in training (defaults)
+        if adapter:                                        # LoRA of the rank and alpha the run trained with
+            trained = {**dataclasses.asdict(S.Config()), **state.get("config", {})}
+            net = M.add_lora(net, r=trained["lora_rank"], alpha=trained["lora_alpha"], dropout=0.0)
     if adapter:
-        state = torch.load(Path(adapter) / "state.pt", map_location="cpu", weights_only=False)
-        missing = net.load_state_dict(state["model"], strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"--adapter {adapter} holds weights this model does not have: "
-                             f"{missing.unexpected_keys[:3]}...; pass the --model it was trained on")
+        keys = net.load_state_dict(state["model"], strict=False)
+        absent = [k for k in keys.missing_keys if "lora_" in k]
+        if keys.unexpected_keys or absent:
+            raise ValueError(f"--adapter {adapter} does not fit this model (unexpected "
+                             f"{keys.unexpected_keys[:3]}, absent {absent[:3]}); pass the --model it was trained on")
     return net.eval()
 
 

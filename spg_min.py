@@ -32,10 +32,10 @@ Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; s
   4. the attention mask is honoured (left padding is invisible to the model), and sampling at T > 0 draws
      exactly from softmax(logits / T) (reference: bf16 Gumbel noise);
   5. block choice uniform over the blocks holding completion tokens (reference: randperm(K) % n_blocks);
-  6. groups with identical rewards have advantage exactly 0 and are skipped in the loss pass (same
-     gradient, less compute);
-  7. the g completions of a prompt share their mask draws (common random numbers): the tokens they share
-     then get gradients that cancel in sum_j A_j grad bound_j (sum_j A_j = 0), which cuts the noise.
+  6. the g completions of a prompt share their mask draws (common random numbers): the tokens they share
+     then get gradients that cancel in sum_j A_j grad bound_j (sum_j A_j = 0), which cuts the noise;
+  7. groups with identical rewards have advantage exactly 0 and are skipped in the loss pass (same
+     gradient, less compute).
 
 Run:  python spg_min.py --task sudoku --model tiny        # CPU, small model, minutes
       python spg_min.py --task gsm8k                      # one GPU: LLaDA-8B-Instruct, 4-bit NF4 + LoRA
@@ -52,6 +52,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ WARM_START_BATCH = 64        # solutions per warm-start step
 WARM_START_SEED = 7          # the warm start's data and masks: make_generator(0, WARM_START_SEED), not the RL seed
 WARM_START_DATA_SEED = 42    # the training set the warm start draws from (Config's default seed), whatever the RL seed
 MAX_NONFINITE_IN_A_ROW = 10  # skipped steps in a row before the run aborts
+REPEAT_ALARM = 0.5           # warn when over half a batch's completions are one repeated token (field case B09)
 LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
 
 
@@ -125,7 +127,7 @@ TASK_DEFAULTS = {  # paper App. G.2 and spg_spec.md (e): 6000/4000/6000/2500 opt
     "gsm8k": dict(max_steps=1500),
     "math": dict(max_steps=1000),
     "countdown": dict(max_steps=1500),
-    "sudoku": dict(max_steps=625, beta=1.0, temperature=0.3),
+    "sudoku": dict(max_steps=625, beta=1.0, temperature=0.3, max_prompt_length=1500),  # the 3-shot prompt (data.md 2.1)
 }
 TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; README "Results" says how it was chosen
     gen_length=24, block_length=8, steps=12, num_prompts=16, group_size=6, mu=2, micro_batch=96,
@@ -150,6 +152,9 @@ def validate(cfg: Config) -> None:
     blocks = cfg.gen_length // cfg.block_length
     need(cfg.steps % blocks == 0 and cfg.steps >= blocks,
          f"steps={cfg.steps} must be a positive multiple of the number of blocks ({blocks})")
+    need((cfg.gen_length // 2) % blocks == 0 and cfg.gen_length // 2 >= blocks,
+         f"evaluation decodes in gen_length / 2 = {cfg.gen_length // 2} steps, which must be a positive multiple of "
+         f"the number of blocks ({blocks}): choose a block_length that makes it one")
     need(cfg.group_size >= 2, f"group_size={cfg.group_size}: at least 2 completions per prompt are needed")
     need(cfg.estimator in [*NEG_BOUND, "d1"], f"estimator={cfg.estimator!r}: choose from {sorted(NEG_BOUND)} or d1")
     need(cfg.estimator != "d1" or (cfg.num_mc == 1 and cfg.masking == "d1"),
@@ -202,6 +207,17 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids) -> torch.Tensor:
     return stops_before == 0
 
 
+def repeated_token_fraction(completion_ids: torch.Tensor, c: torch.Tensor, stop_ids) -> float:
+    """Fraction of completions [B, Lg] that are one token repeated (at least twice) before the first stop token.
+
+    The collapse signature of field case B09 (every completion `!!!!`); train() logs it as `health/repeated_frac`
+    and warns above REPEAT_ALARM. c [B, Lg] is completion_mask(completion_ids, stop_ids)."""
+    real = c & ~torch.isin(completion_ids, torch.as_tensor(list(stop_ids), device=completion_ids.device))
+    first = completion_ids.gather(1, real.long().argmax(1, keepdim=True))               # [B, 1] first real token
+    one_token = ((completion_ids == first) | ~real).all(1) & (real.sum(1) >= 2)         # [B]
+    return one_token.float().mean().item()
+
+
 def _uniform(shape, group_ids, generator, device) -> torch.Tensor:
     """U(0, 1) draws of shape [B, ...]. With group_ids [B], one draw per group, shared by its members
     (common random numbers: the g completions of a prompt are masked alike, so the gradients of the
@@ -224,7 +240,7 @@ def block_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_len
     """Block-wise masking for the MC bound estimates (Sec. 3.3; reference `forward_type=block_random`).
 
     c [B, Lg] bool completion mask. Per sequence and sample j: choose one of the blocks that hold
-    completion tokens uniformly, mask a uniform count 1..n_real of its real tokens, keep earlier blocks
+    completion tokens uniformly, mask a uniform count 1..n_in of its n_in real tokens, keep earlier blocks
     clean, mask later blocks and everything after the first EOS entirely; then mask prompt and clean
     earlier-block tokens independently with probability p_mask_prompt (unmasked tokens of the chosen
     block are not perturbed, as in the reference). group_ids [B] (optional): share the draws per group.
@@ -273,7 +289,7 @@ def d1_forward_process(c: torch.Tensor, prompt_len: int, *, m: int, block_length
     Every completion position is masked (the post-EOS tail included) and each prompt token independently with
     probability p_mask_prompt. Same arguments and returns as block_forward_process (c [B, Lg] -> masked
     [B, m, P + Lg], t [B, m] = 1); block_length is unused. d1 draws the prompt mask per row; here, as for the
-    other forward processes, group_ids shares it within a group (deviation 7).
+    other forward processes, group_ids shares it within a group (deviation 6).
     """
     B, Lg = c.shape
     prompt = _uniform((B, m, prompt_len), group_ids, generator, c.device) < p_mask_prompt    # [B, m, P]
@@ -620,23 +636,31 @@ def within_prompt_limit(tok, examples: list[dict], contents: list[str], limit: i
 
 
 def decode_completions(tok, completion_ids, c) -> list[str]:
-    """Completion text up to (not including) the first stop token, special tokens dropped."""
+    """Completion text: the tokens of c (up to and including the first stop token), special tokens dropped, so the
+    stop token itself and anything after it never reach a reward function."""
     return [tok.decode(row[keep], skip_special_tokens=True) for row, keep in zip(completion_ids.cpu(), c.cpu())]
 
 
 def score_rewards(task, texts: list[str], examples: list[dict]):
-    """Per-function rewards [B, F] (None / NaN / errors -> 0, counted) and the weighted total [B]."""
+    """Per-function rewards [B, F], the weighted total [B] and the count of missing values (field case B13).
+
+    A value that is None, NaN or raised is missing: it counts 0 (the sample stays in its group, so one bad value
+    never turns the batch's advantages into NaN), and a sample whose every function is missing is warned about."""
     per_fn, missing = torch.zeros(len(texts), len(task.reward_funcs), dtype=torch.float64), 0
     for i, (text, ex) in enumerate(zip(texts, examples)):
+        missing_here = 0
         for f, (_, fn, weight) in enumerate(task.reward_funcs):
             try:
                 value = fn(text, ex)
             except Exception:
                 value = None
             if value is None or not math.isfinite(value):
-                missing += 1
+                missing_here += 1
                 value = 0.0
             per_fn[i, f] = weight * value
+        if missing_here == len(task.reward_funcs):
+            warnings.warn(f"sample {i}: every reward function failed (None, NaN or raised); its reward is 0")
+        missing += missing_here
     return per_fn, per_fn.sum(-1), missing
 
 
@@ -925,9 +949,13 @@ def train(cfg: Config) -> dict:
                **{f"reward/{name}": per_fn[:, f].mean().item() for f, (name, _, _) in enumerate(task.reward_funcs)},
                "reward/missing": missing, "reward/frac_zero_adv_groups": zero_var,
                "gen/len": c.sum(-1).float().mean().item(), "loss": sum(losses) / len(losses),
+               "health/repeated_frac": repeated_token_fraction(comp, c, stop_ids),
                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": cfg.lr, **stats,
                "nonfinite_steps": summary.get("nonfinite_steps", 0),                      # skipped so far (cumulative)
                "time/rollout_s": t_rollout, "time/step_s": dt, "tokens_per_s": comp.numel() / t_rollout}
+        if row["health/repeated_frac"] > REPEAT_ALARM:
+            bar.write(f"warning: {row['health/repeated_frac']:.0%} of step {step + 1}'s completions are one repeated "
+                      "token, the collapse of field case B09; lower --lr or use --estimator mix")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             row["eval"], _ = evaluate_now(f"eval step {step + 1}")
         with open(out / "metrics.jsonl", "a") as f:

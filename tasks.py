@@ -108,16 +108,19 @@ Col3 missing 1 → R3C3=1 → R3C4=4."""))
 # ----------------------------------------------------------------------------------------------------------------
 # Shared text helpers
 
-def _safe(fn):
-    """Make a reward/score function total: an exception (warned about) or a non-finite value counts as 0.0."""
+def _safe(fn, failed=None):
+    """Make a reward/score function total: an exception (warned about) or a non-finite value returns `failed`.
+
+    Reward functions fail to None, which the training loop counts as missing (metric `reward/missing`) and scores
+    0; evaluation scores fail to 0.0."""
     @functools.wraps(fn)
     def wrapped(completion, example):
         try:
             value = float(fn(str(completion), example))
         except Exception as e:  # e.g. a malformed example; a completion string alone should never get here
-            warnings.warn(f"{fn.__name__} raised {type(e).__name__}; scored 0", stacklevel=2)
-            return 0.0
-        return value if math.isfinite(value) else 0.0
+            warnings.warn(f"{fn.__name__} raised {type(e).__name__}: {e}; scored 0", stacklevel=2)
+            return failed
+        return value if math.isfinite(value) else failed
     return wrapped
 
 def _bad_gold(task):
@@ -537,8 +540,8 @@ class Task:
     score_fn: Callable  # eval credit in [0, 1]
 
     def reward(self, completion, example):
-        """Training reward: the weighted sum of the task's reward functions; never raises."""
-        return sum(weight * fn(completion, example) for _, fn, weight in self.reward_funcs)
+        """Training reward: the weighted sum of the task's reward functions (a failed one counts 0); never raises."""
+        return sum(weight * (fn(completion, example) or 0.0) for _, fn, weight in self.reward_funcs)
 
     def score(self, completion, example):
         """Evaluation credit: 1/0 (Sudoku: fraction of the empty cells right); never raises."""
@@ -550,10 +553,10 @@ def _funcs(*pairs):
 TASKS = {
     "gsm8k": Task("gsm8k", _funcs(("xmlcount", _xmlcount), ("soft_format", soft_format), ("strict_format",
                                   strict_format), ("int", _gsm8k_int), ("correctness", _gsm8k_correct)),
-                  4.0, _safe(_gsm8k_score)),
-    "math": Task("math", _funcs(("correctness", _math_correct), ("format", _math_format)), 2.75, _safe(_math_score)),
-    "countdown": Task("countdown", _funcs(("countdown", _countdown_reward)), 1.0, _safe(_countdown_score)),
-    "sudoku": Task("sudoku", _funcs(("sudoku", _sudoku_reward)), 1.0, _safe(_sudoku_score)),
+                  4.0, _safe(_gsm8k_score, failed=0.0)),
+    "math": Task("math", _funcs(("correctness", _math_correct), ("format", _math_format)), 2.75, _safe(_math_score, failed=0.0)),
+    "countdown": Task("countdown", _funcs(("countdown", _countdown_reward)), 1.0, _safe(_countdown_score, failed=0.0)),
+    "sudoku": Task("sudoku", _funcs(("sudoku", _sudoku_reward)), 1.0, _safe(_sudoku_score, failed=0.0)),
 }
 
 def get_task(name):

@@ -75,8 +75,10 @@ def test_unknown_flag_is_an_error():
 def test_presets_and_flag_precedence():
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--lr", "0.5"])
     assert cfg.lr == 0.5 and cfg.beta == 1.0 and cfg.gen_length == S.TINY_PRESET["gen_length"]
+    assert cfg.max_prompt_length == 64                                      # preset > task
+    assert S.parse_config(["--task", "sudoku"]).max_prompt_length == 1500   # the 3-shot prompt fits
     cfg = S.parse_config(["--task", "gsm8k"])
-    assert cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
+    assert cfg.max_prompt_length == 512 and cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--estimator", "d1"])
     assert (cfg.num_mc, cfg.masking) == (1, "d1")                           # ESTIMATOR_DEFAULTS
     with pytest.raises(ValueError, match="num_mc=1"):
@@ -88,6 +90,8 @@ def test_presets_and_flag_precedence():
     (["--task", "sudoku", "--estimator", "mixx"], "estimator='mixx': choose from"),
     (["--estimator", "d1", "--num-mc", "2"], "needs num_mc=1"),
     (["--task", "sudoku", "--est", "mix"], "unrecognized arguments: --est mix"),   # no prefix matching
+    (["--task", "sudoku", "--model", "tiny", "--block-length", "3", "--steps", "8"],   # 8 blocks; eval's 12 steps
+     "gen_length / 2 = 12 steps, which must be a positive multiple of the number of blocks (8)"),
 ])
 def test_the_cli_refuses_bad_values_with_a_usage_error_naming_the_fix(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import spg_min as S
+import tasks as T
 
 
 # ---------------------------------------------------------------- advantages (Eq. 4), B12-B14
@@ -41,6 +42,29 @@ def test_nan_reward_treated_as_zero_and_counted():      # B13
     assert total.tolist() == [1.5, 0.0, 1.0, 1.0] and missing == 2
     adv = S.group_advantages(total, torch.tensor([0, 0, 1, 1]))
     assert adv.tolist() == [0.75, -0.75, 0.0, 0.0]
+
+
+def test_repeated_token_fraction_flags_the_b09_collapse():          # B09's health check
+    eos, eot = 9, 8
+    comp = torch.tensor([[5, 5, 5, 9, 1, 2],     # "!!!" then EOS: one repeated token (post-EOS tail ignored)
+                         [5, 5, 5, 5, 5, 5],     # no stop token: still one repeated token
+                         [5, 6, 5, 5, 9, 9],     # two distinct tokens
+                         [5, 9, 9, 9, 9, 9],     # a single token is not a repetition
+                         [8, 5, 5, 5, 5, 5]])    # empty completion (end of turn first)
+    c = S.completion_mask(comp, (eos, eot))
+    assert S.repeated_token_fraction(comp, c, (eos, eot)) == pytest.approx(2 / 5)
+    assert S.repeated_token_fraction(comp[:2], c[:2], (eos, eot)) == 1.0 > S.REPEAT_ALARM
+
+
+def test_a_failed_task_reward_is_counted_missing_and_warned():   # B13 through a real task's wrapped function
+    task, good = T.get_task("sudoku"), {"puzzle": "3014002020004130", "solution": "3214142323414132"}
+    broken = {"puzzle": good["puzzle"]}                                     # a malformed example: no gold grid
+    text = T.target_completion("sudoku", good)
+    with pytest.warns(UserWarning, match="every reward function failed"):
+        _, total, missing = S.score_rewards(task, [text, text], [good, broken])
+    assert total.tolist() == [1.0, 0.0] and missing == 1
+    with pytest.warns(UserWarning, match="_sudoku_score raised KeyError"):
+        assert task.reward(text, broken) == 0.0 and task.score(text, broken) == 0.0  # never raise, never None
 
 
 # ---------------------------------------------------------------- completion mask, B19

@@ -156,9 +156,10 @@ def test_main_job_end_to_end_smoke(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward/mean", "reward/std", "reward/frac_zero_adv_groups", "gen/len", "loss", "grad_norm",
-                "lr", "time/step_s", "tokens_per_s"):
+                "lr", "time/step_s", "tokens_per_s", "reward/missing", "health/repeated_frac"):
         assert key in rows[0]
-    assert 0.0 <= rows[0]["reward/mean"] <= 1.0
+    assert 0.0 <= rows[0]["reward/mean"] <= 1.0 and 0.0 <= rows[0]["health/repeated_frac"] <= 1.0
+    assert rows[0]["reward/missing"] == 0                                  # real puzzles: every reward is a number
     assert len(list((tmp_path / "cache").glob("warm_*.pt"))) == 1
 
 
@@ -198,6 +199,10 @@ def test_llada_format_4bit_lora_path_end_to_end(tmp_path):
     assert summary["steps"] == 2 and summary["eval_after"]["n"] == 4
     state = torch.load(tmp_path / "ckpt_000002" / "state.pt", weights_only=False)
     assert state["model"] and all("lora_" in name for name in state["model"])   # only the adapter is trainable
+    import eval as E                                   # eval.py reads the adapter back at its own rank (8, not 128)
+    net = E.load_for_eval(str(FIXTURE), str(tmp_path / "ckpt_000002"), vocab_size=0)
+    loaded = dict(net.named_parameters())
+    assert all(torch.equal(loaded[name].float(), value.float()) for name, value in state["model"].items())
 
 
 @pytest.mark.parametrize("estimator", ["mix", "elbo"])
