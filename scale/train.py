@@ -67,6 +67,14 @@ def shard_model(model, shard, device):
     return model
 
 
+def groups_per_rank(num_prompts: int, world: int) -> int:
+    """Prompts (whole groups of g completions) each rank takes; a group never straddles ranks (field case B15)."""
+    if num_prompts % world:
+        raise SystemExit(f"--num-prompts {num_prompts} must be a multiple of the number of ranks ({world}): each "
+                         f"rank takes whole groups; try --num-prompts {-(-num_prompts // world) * world}")
+    return num_prompts // world
+
+
 def save_checkpoint(out, step, model, opt, cfg, rank):
     """A collective: trainable weights and optimizer state gathered to rank 0's CPU, written in spg_min's layout."""
     model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(
@@ -109,9 +117,7 @@ def main(argv=None):
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if cfg.num_prompts % world:
-        raise SystemExit(f"--num-prompts {cfg.num_prompts} must be a multiple of the number of ranks ({world})")
-    k, g, m = cfg.num_prompts // world, cfg.group_size, cfg.num_mc
+    k, g, m = groups_per_rank(cfg.num_prompts, world), cfg.group_size, cfg.num_mc
     log = print if rank == 0 else (lambda *a, **kw: None)
     # ---- data, model, optimizer: every rank loads the same model; rank 0 warm-starts the tiny one and broadcasts
     task = T.get_task(cfg.task)

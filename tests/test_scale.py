@@ -91,6 +91,16 @@ def test_two_ranks_finish(tmp_path, shard):
     assert (out / "ckpt_000003" / "state.pt").exists()
 
 
+def test_groups_never_straddle_ranks():                                  # B15
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("scale_train", REPO / "scale" / "train.py")
+    scale_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale_train)
+    assert scale_train.groups_per_rank(16, 8) == 2 and scale_train.groups_per_rank(7, 7) == 1
+    with pytest.raises(SystemExit, match=r"--num-prompts 8 must be a multiple of the number of ranks \(7\).*--num-prompts 14"):
+        scale_train.groups_per_rank(8, 7)
+
+
 def test_fsdp_with_4bit_base_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scale" / "train.py"), "--model", "some/llada", "--shard", "fsdp",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)

@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_spg.py
 """
 import math
+import types
 
 import pytest
 import torch
@@ -244,6 +245,43 @@ def test_masked_and_counted_positions_b17():
     counted = torch.tensor([[[True, True, True, True]]]) & torch.tensor([True, True, True, False])
     t = counted.sum(-1) / 3
     assert S.elbo(logp, counted, t).item() == pytest.approx(-6.0)
+
+
+class _PositionwiseStub(torch.nn.Module):
+    """A model whose logits at position i depend only on token i and position i: hidden = emb(z_i) + pos_i."""
+    def __init__(self, L, V, generator):
+        super().__init__()
+        self.model, self.lm_head = torch.nn.Module(), torch.nn.Linear(V, V, bias=False)
+        self.model.emb, self.model.pos = torch.nn.Embedding(V, V), torch.nn.Parameter(torch.zeros(L, V))
+        self.model.forward = lambda input_ids, attention_mask, position_ids: types.SimpleNamespace(
+            last_hidden_state=self.model.emb(input_ids) + self.model.pos)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def test_sequence_bounds_score_only_the_real_completion_tokens_b17():
+    gen = torch.Generator().manual_seed(0)
+    P, Lg, V, eos, mask_id = 4, 4, 8, 6, 7
+    seqs = torch.tensor([[1, 2, 3, 4, 5, 3, eos, 2]])                       # completion [5, 3, EOS, 2]
+    attn, c = torch.ones_like(seqs), S.completion_mask(seqs[:, P:], (eos,))
+    assert c.tolist() == [[True, True, True, False]]
+    masked = torch.cat([torch.rand(1, 1, P, generator=gen) < 0.5, torch.ones(1, 1, Lg, dtype=torch.bool)], -1)
+    t = torch.ones(1, 1)                                                    # 3 of the 3 real tokens masked
+    stub = _PositionwiseStub(P + Lg, V, gen)
+    bound = lambda s=seqs: S.sequence_bounds(stub, s, attn, c, masked, t, beta=1.0, mask_id=mask_id)[0].item()
+    with torch.no_grad():                                                   # by hand: every completion input is MASK
+        logp = torch.log_softmax(stub.lm_head(stub.model.emb.weight[mask_id] + stub.model.pos[P:]), -1)
+    assert bound() == pytest.approx(sum(logp[k, seqs[0, P + k]].item() for k in range(3)), abs=1e-5)
+    before = bound()
+    with torch.no_grad():
+        stub.model.pos[:P] += 5.0                                           # other logits at prompt positions
+        stub.model.pos[P + 3] -= 5.0                                        # ... and at the post-EOS position
+    assert bound() == before
+    assert bound(torch.tensor([[1, 2, 3, 4, 5, 3, eos, 5]])) == before      # another post-EOS token
+    with torch.no_grad():
+        stub.model.pos[P + 1] += 1.0                                        # a counted position does count
+    assert bound() != before
 
 
 # ---------------------------------------------------------------- d1's diffu-GRPO baseline (spg_spec.md (g))
