@@ -67,6 +67,7 @@ WARM_START_LR = 1e-3         # supervised warm start of the tiny model (AdamW)
 WARM_START_BATCH = 64        # solutions per warm-start step
 WARM_START_SEED = 7          # the warm start's data and masks: make_generator(0, WARM_START_SEED), not the RL seed
 WARM_START_DATA_SEED = 42    # the training set the warm start draws from (Config's default seed), whatever the RL seed
+WARM_START_LOG_EVERY = 50    # a warm-start progress line every N steps (tqdm's bar is off when output is not a tty)
 MAX_NONFINITE_IN_A_ROW = 10  # skipped steps in a row before the run aborts
 REPEAT_ALARM = 0.5           # warn when over half a batch's completions are one repeated token (field case B09)
 LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
@@ -736,11 +737,14 @@ def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Pat
         model.load_state_dict(torch.load(path, map_location="cpu"))
         print(f"warm start: loaded {path}", flush=True)
         return
-    print(f"warm start: {cfg.warm_start_steps} supervised steps, cached at {path} for the next run", flush=True)
+    print(f"warm start: {cfg.warm_start_steps} supervised steps, then cached at {path} for the next run", flush=True)
     examples, opt, gen = warm_start_setup(model, tok, cfg, style)   # independent of the RL seed
-    for _ in tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None):
-        sft_step(model, opt, tok, examples, cfg.task, gen_length=cfg.gen_length, style=style, mask_id=mask_id,
-                 eos_id=eos_id, generator=gen)
+    bar = tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None)
+    for i in bar:
+        loss = sft_step(model, opt, tok, examples, cfg.task, gen_length=cfg.gen_length, style=style, mask_id=mask_id,
+                        eos_id=eos_id, generator=gen)
+        if (i + 1) % WARM_START_LOG_EVERY == 0 or i + 1 == cfg.warm_start_steps:
+            bar.write(f"warm start step {i + 1:4d}/{cfg.warm_start_steps} | loss {loss:.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -970,7 +974,7 @@ def train(cfg: Config) -> dict:
             sys.exit(130)
     summary["eval_after"], rows = evaluate_now("eval after RL")
     with open(out / "eval_generations.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(json.dumps({**r, "example": ex}) + "\n" for r, ex in zip(rows, eval_set))  # ex: the puzzle
     summary["steps"] = cfg.max_steps
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"held-out before RL: {summary['eval_before']}\nheld-out after RL:  {summary['eval_after']}")

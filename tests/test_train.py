@@ -161,6 +161,8 @@ def test_main_job_end_to_end_smoke(tmp_path):
     assert 0.0 <= rows[0]["reward/mean"] <= 1.0 and 0.0 <= rows[0]["health/repeated_frac"] <= 1.0
     assert rows[0]["reward/missing"] == 0                                  # real puzzles: every reward is a number
     assert len(list((tmp_path / "cache").glob("warm_*.pt"))) == 1
+    generations = [json.loads(line) for line in (tmp_path / "eval_generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 16 and all(len(g["example"]["puzzle"]) == 16 for g in generations)   # tied to puzzles
 
 
 def test_train_d1_two_steps(tmp_path, monkeypatch):
@@ -268,7 +270,9 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert same(cached[0], looped) and same(cached[0], cached[1])       # seeds 1 and 2: one warm start
     assert not same(cached[0], warm())                                  # and it trained
-    assert f"warm start: 3 supervised steps, cached at {tmp_path / 'a.pt'}" in capsys.readouterr().out  # not silent
+    printed = capsys.readouterr().out                                   # not silent, even without a terminal
+    assert f"warm start: 3 supervised steps, then cached at {tmp_path / 'a.pt'}" in printed
+    assert "warm start step    3/3 | loss " in printed
     reloaded = M.tiny_model(len(tok), seed=1)                           # a different init, replaced by the cache
     S.sft_warm_start(reloaded, tok, cfgs[0], style=style, mask_id=ids["mask"], eos_id=ids["eos"], path=tmp_path / "a.pt")
     assert same(cached[0], reloaded) and f"warm start: loaded {tmp_path / 'a.pt'}" in capsys.readouterr().out
