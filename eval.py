@@ -9,7 +9,6 @@ the adapter. Writes every generation with its extracted answer and credit to OUT
 and the accuracy table to OUT/results_<task>.md.
 """
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -28,8 +27,9 @@ def load_for_eval(model_name: str, adapter: str | None, vocab_size: int):
     else:
         net = M.load_llada(model_name, load_in_4bit=False)
         if adapter:                                        # LoRA of the rank and alpha the run trained with
-            trained = {**dataclasses.asdict(S.Config()), **state.get("config", {})}
-            net = M.add_lora(net, r=trained["lora_rank"], alpha=trained["lora_alpha"], dropout=0.0)
+            trained = state.get("config", {})
+            net = M.add_lora(net, r=trained.get("lora_rank", S.Config.lora_rank),
+                             alpha=trained.get("lora_alpha", S.Config.lora_alpha), dropout=0.0)
     if adapter:
         keys = net.load_state_dict(state["model"], strict=False)
         absent = [k for k in keys.missing_keys if "lora_" in k]

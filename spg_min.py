@@ -198,12 +198,17 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Te
     return adv.float()
 
 
+def is_stop_token(completion_ids: torch.Tensor, stop_ids) -> torch.Tensor:
+    """[B, Lg] bool: the positions holding a stop token (EOS or end of turn)."""
+    return torch.isin(completion_ids, torch.as_tensor(list(stop_ids), device=completion_ids.device))
+
+
 def completion_mask(completion_ids: torch.Tensor, stop_ids) -> torch.Tensor:
     """c [B, Lg] bool: True up to and including the first stop token (EOS or end of turn), by position.
 
     Built from positions, not from token values, so pad == eos never drops the real EOS (B19).
     """
-    is_stop = torch.isin(completion_ids, torch.as_tensor(list(stop_ids), device=completion_ids.device))
+    is_stop = is_stop_token(completion_ids, stop_ids)
     stops_before = is_stop.long().cumsum(-1) - is_stop.long()                        # [B, Lg]
     return stops_before == 0
 
@@ -213,7 +218,7 @@ def repeated_token_fraction(completion_ids: torch.Tensor, c: torch.Tensor, stop_
 
     The collapse signature of field case B09 (every completion `!!!!`); train() logs it as `health/repeated_frac`
     and warns above REPEAT_ALARM. c [B, Lg] is completion_mask(completion_ids, stop_ids)."""
-    real = c & ~torch.isin(completion_ids, torch.as_tensor(list(stop_ids), device=completion_ids.device))
+    real = c & ~is_stop_token(completion_ids, stop_ids)                                 # [B, Lg]
     first = completion_ids.gather(1, real.long().argmax(1, keepdim=True))               # [B, 1] first real token
     one_token = ((completion_ids == first) | ~real).all(1) & (real.sum(1) >= 2)         # [B]
     return one_token.float().mean().item()

@@ -554,7 +554,8 @@ TASKS = {
     "gsm8k": Task("gsm8k", _funcs(("xmlcount", _xmlcount), ("soft_format", soft_format), ("strict_format",
                                   strict_format), ("int", _gsm8k_int), ("correctness", _gsm8k_correct)),
                   4.0, _safe(_gsm8k_score, failed=0.0)),
-    "math": Task("math", _funcs(("correctness", _math_correct), ("format", _math_format)), 2.75, _safe(_math_score, failed=0.0)),
+    "math": Task("math", _funcs(("correctness", _math_correct), ("format", _math_format)), 2.75,
+                 _safe(_math_score, failed=0.0)),
     "countdown": Task("countdown", _funcs(("countdown", _countdown_reward)), 1.0, _safe(_countdown_score, failed=0.0)),
     "sudoku": Task("sudoku", _funcs(("sudoku", _sudoku_reward)), 1.0, _safe(_sudoku_score, failed=0.0)),
 }
