@@ -39,11 +39,6 @@ def load_for_eval(model_name: str, adapter: str | None, vocab_size: int):
     return net.eval()
 
 
-def extracted_answer(task: str, text: str) -> str | None:
-    """What the score reads: the last \\boxed{} for GSM8K / MATH / Countdown if any, else the <answer> content."""
-    return (T.last_boxed(text) if task != "sudoku" else None) or T.answer_tag(text)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, choices=["gsm8k", "math", "countdown", "sudoku"])
@@ -52,7 +47,9 @@ def main():
     p.add_argument("--gen-lengths", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--n", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--n", type=int, default=None, help="evaluate a random N of the problems (drawn with --seed)")
+    p.add_argument("--seed", type=int, default=S.Config.seed,
+                   help="draws the --n sample; the default is training's, so --n 256 scores its periodic-eval set")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--eval-file", default=None)
     p.add_argument("--out", default="runs/eval")
@@ -61,7 +58,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     cfg0 = S.Config(task=args.task, model=args.model, eval_batch=args.batch, block_length=args.block_length)
     tok, style, ids = S.load_tokenizer(cfg0)
-    examples = T.load_eval(args.task, args.data_dir, eval_file=args.eval_file, n=args.n)
+    examples = T.load_eval(args.task, args.data_dir, eval_file=args.eval_file, n=args.n, seed=args.seed)
     net = load_for_eval(args.model, args.adapter, len(tok))
     task, table = T.get_task(args.task), []
     for length in args.gen_lengths:
@@ -71,7 +68,7 @@ def main():
                                    stop_ids=(ids["eos"], ids["eot"]), desc=f"{args.task} L={length}")
         with open(out / f"generations_{args.task}_{length}.jsonl", "w") as f:
             for ex, row in zip(examples, rows):
-                f.write(json.dumps({**row, "answer": extracted_answer(args.task, row["completion"]),
+                f.write(json.dumps({**row, "answer": task.answer(row["completion"]),
                                     "example": ex}) + "\n")
         table.append((length, metrics))
         print(f"{args.task} L={length}: {metrics}")

@@ -224,6 +224,12 @@ def repeated_token_fraction(completion_ids: torch.Tensor, c: torch.Tensor, stop_
     return one_token.float().mean().item()
 
 
+def collapse_warning(repeated_frac: float, step: int) -> str:
+    """The warning line for a step whose repeated_token_fraction is over REPEAT_ALARM."""
+    return (f"warning: {repeated_frac:.0%} of step {step}'s completions are one repeated token, the collapse of "
+            "field case B09; lower --lr or use --estimator mix")
+
+
 def _uniform(shape, group_ids, generator, device) -> torch.Tensor:
     """U(0, 1) draws of shape [B, ...]. With group_ids [B], one draw per group, shared by its members
     (common random numbers: the g completions of a prompt are masked alike, so the gradients of the
@@ -963,8 +969,7 @@ def train(cfg: Config) -> dict:
                "nonfinite_steps": summary.get("nonfinite_steps", 0),                      # skipped so far (cumulative)
                "time/rollout_s": t_rollout, "time/step_s": dt, "tokens_per_s": comp.numel() / t_rollout}
         if row["health/repeated_frac"] > REPEAT_ALARM:
-            bar.write(f"warning: {row['health/repeated_frac']:.0%} of step {step + 1}'s completions are one repeated "
-                      "token, the collapse of field case B09; lower --lr or use --estimator mix")
+            bar.write(collapse_warning(row["health/repeated_frac"], step + 1))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             row["eval"], _ = evaluate_now(f"eval step {step + 1}")
         with open(out / "metrics.jsonl", "a") as f:

@@ -13,7 +13,10 @@ tests/test_tasks.py. Deliberate departures from the reference (the reference is 
      compared to 6 decimals); the format reward is 0.5 for a closed <answer> pair + 0.25 for a \\boxed{} in it
      (the reference's `"\\boxed"` check is a backspace bug; its constant 0.25 floor does not change advantages).
   5. Countdown: parsed with `ast`, never `eval`; exact Fraction arithmetic; 0.1 only for a well-formed expression.
-  6. Eval scores use the last \\boxed{} (GSM8K reference: the first) and strip non-digits for Sudoku.
+     Signs (`-100 + 93 + 30`) are accepted as the reference does; `**`, `//` and decimals, which its pattern lets
+     through, are refused.
+  6. Eval scores use the last \\boxed{} (GSM8K reference: the first) and strip non-digits for Sudoku. A GSM8K
+     completion with neither a box nor an answer tag is scored by its last number (B02; the reference: wrong).
 An empty or missing answer never scores, and no reward or score function raises on any string.
 """
 import ast
@@ -210,9 +213,15 @@ def _gsm8k_correct(c, ex):
         return 0.0
     return 2.0 if last_number(last_boxed(content) or content) == gold else 0.0
 
+def _gsm8k_answer(c):
+    """What the GSM8K eval reads: the last \\boxed{}, else the answer tag, else (no tag at all) the whole text,
+    whose last number counts (B02's `The total is 72 clips, altogether.`; the reference scores it 0)."""
+    tagged = answer_tag(c)
+    return last_boxed(c) or (c if tagged is None else tagged)
+
 def _gsm8k_score(c, ex):
-    """Eval: 1 if the number in the last \\boxed{} (else in the answer tag) equals the gold number."""
-    gold, text = _gsm8k_gold(ex), last_boxed(c) or answer_tag(c)
+    """Eval: 1 if the last number of _gsm8k_answer(c) equals the gold number."""
+    gold, text = _gsm8k_gold(ex), _gsm8k_answer(c)
     return 1.0 if gold is not None and text and last_number(text) == gold else 0.0
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,6 +276,8 @@ def _math_score(c, ex):
 COUNTDOWN_TRAIN_SIZE = 20_000  # generated training problems (RL consumes far fewer; data.md 1.4)
 COUNTDOWN_EVAL_SEED = 42  # for the stand-in eval set when the published file is absent
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_SIGNS = {ast.USub: operator.neg, ast.UAdd: operator.pos}  # `-100 + 93 + 30`: the reference's eval accepts it
+_INLINE_EQUATION = re.compile(r"([0-9+\-*/()\s]+)=\s*-?[0-9]")  # `30 + 93 - 100 = 23` in running text (data.md 4.2)
 
 def _countdown_row(raw):
     if "nums" in raw:
@@ -274,9 +285,9 @@ def _countdown_row(raw):
     return {"nums": [int(n) for n in raw["input"].split(",")], "target": int(raw["output"])}
 
 def countdown_eval(expr):
-    """(exact value, sorted integers used) of an expression of integer literals, + - * / and parentheses only.
+    """(exact value, sorted integers used) of an expression of integer literals, + - * /, signs and parentheses.
 
-    Parsed with ast, never eval (B06); None for anything else (unary minus, **, //, text, division by zero)."""
+    Parsed with ast, never eval (B06); None for anything else (**, //, decimals, text, division by zero)."""
     if len(expr) > 200 or not re.fullmatch(r"[0-9+\-*/()\s]+", expr):
         return None
     used = []
@@ -284,10 +295,12 @@ def countdown_eval(expr):
     def value(node):
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _SIGNS:
+            return _SIGNS[type(node.op)](value(node.operand))
         if isinstance(node, ast.Constant) and type(node.value) is int:
             used.append(node.value)
             return Fraction(node.value)
-        raise ValueError("not + - * / of integers")
+        raise ValueError("not + - * / of signed integers")
     try:
         return value(ast.parse(expr.strip(), mode="eval").body), sorted(used)
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
@@ -304,11 +317,17 @@ def _countdown_reward(c, ex):
         return 0.0
     return 1.0 if _countdown_solved(expr, ex) else (0.1 if countdown_eval(expr) else 0.0)
 
+def _countdown_answer(c):
+    """What the Countdown eval reads: the last \\boxed{} (else the answer tag, else the first inline
+    `expr = number` of the text, data.md 4.2), LaTeX operators mapped, text after `=` dropped."""
+    expr = last_boxed(c) or answer_tag(c)
+    if expr is None:
+        inline = _INLINE_EQUATION.search(c)
+        expr = inline.group(1) if inline else ""
+    return expr.replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/").split("=")[0].strip()
+
 def _countdown_score(c, ex):
-    """Eval: the last \\boxed{} (else the answer tag), LaTeX operators mapped, text after `=` dropped."""
-    expr = last_boxed(c) or answer_tag(c) or ""
-    expr = expr.replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/").split("=")[0]
-    return 1.0 if _countdown_solved(expr, ex) else 0.0
+    return 1.0 if _countdown_solved(_countdown_answer(c), ex) else 0.0
 
 def _reachable(items):
     """{value: expression} over all ways to combine every (value, expr) item with integer-only steps:
@@ -410,14 +429,18 @@ def _sudoku_reward(c, ex):
     answer = closed_answer_tag(c)
     return _sudoku_cells_right(answer, ex) if answer else 0.0
 
-def _sudoku_score(c, ex):
-    """Eval: the last <answer> (closed or cut off), else the last 16-digit run. The reference eval parser keeps
-    non-digit characters (so `[4321...]` shifts every cell) and prefers the first <answer>; here digits only."""
+def _sudoku_answer(c):
+    """What the Sudoku eval reads: the last <answer> (closed or cut off), else the last 16-digit run. The reference
+    eval parser keeps non-digit characters (so `[4321...]` shifts every cell) and prefers the first <answer>; here
+    only its digits count."""
     answer = answer_tag(c)
     if answer is None:
         runs = re.findall(r"(?<![0-9])[0-9]{16}(?![0-9])", c)
         answer = runs[-1] if runs else ""
-    return _sudoku_cells_right(answer, ex)
+    return answer
+
+def _sudoku_score(c, ex):
+    return _sudoku_cells_right(_sudoku_answer(c), ex)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data loading
@@ -538,6 +561,7 @@ class Task:
     reward_funcs: tuple  # ((name, fn(completion, example) -> float, weight), ...); reference weights are all 1.0
     max_reward: float
     score_fn: Callable  # eval credit in [0, 1]
+    answer_fn: Callable  # completion -> the text score_fn reads (eval.py logs it)
 
     def reward(self, completion, example):
         """Training reward: the weighted sum of the task's reward functions (a failed one counts 0); never raises."""
@@ -547,17 +571,25 @@ class Task:
         """Evaluation credit: 1/0 (Sudoku: fraction of the empty cells right); never raises."""
         return self.score_fn(completion, example)
 
+    def answer(self, completion):
+        """The text the evaluation score reads from completion (None when there is none); never raises."""
+        try:
+            return self.answer_fn(completion)
+        except Exception:
+            return None
+
 def _funcs(*pairs):
     return tuple((name, _safe(fn), 1.0) for name, fn in pairs)
 
 TASKS = {
     "gsm8k": Task("gsm8k", _funcs(("xmlcount", _xmlcount), ("soft_format", soft_format), ("strict_format",
                                   strict_format), ("int", _gsm8k_int), ("correctness", _gsm8k_correct)),
-                  4.0, _safe(_gsm8k_score, failed=0.0)),
+                  4.0, _safe(_gsm8k_score, failed=0.0), _gsm8k_answer),
     "math": Task("math", _funcs(("correctness", _math_correct), ("format", _math_format)), 2.75,
-                 _safe(_math_score, failed=0.0)),
-    "countdown": Task("countdown", _funcs(("countdown", _countdown_reward)), 1.0, _safe(_countdown_score, failed=0.0)),
-    "sudoku": Task("sudoku", _funcs(("sudoku", _sudoku_reward)), 1.0, _safe(_sudoku_score, failed=0.0)),
+                 _safe(_math_score, failed=0.0), _math_pred),
+    "countdown": Task("countdown", _funcs(("countdown", _countdown_reward)), 1.0, _safe(_countdown_score, failed=0.0),
+                      _countdown_answer),
+    "sudoku": Task("sudoku", _funcs(("sudoku", _sudoku_reward)), 1.0, _safe(_sudoku_score, failed=0.0), _sudoku_answer),
 }
 
 def get_task(name):

@@ -79,8 +79,9 @@ def save_checkpoint(out, step, model, opt, cfg, rank):
     """A collective: trainable weights and optimizer state gathered to rank 0's CPU, written in spg_min's layout."""
     model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    rng_states = [None] * dist.get_world_size()         # every rank's global RNG (LoRA dropout): exact --resume
-    dist.all_gather_object(rng_states, torch.get_rng_state())
+    rng_states = [None] * dist.get_world_size()         # every rank's global RNGs (LoRA dropout): exact --resume
+    dist.all_gather_object(rng_states, (torch.get_rng_state(),
+                                        torch.cuda.get_rng_state() if torch.cuda.is_available() else None))
     if rank == 0:
         final, tmp = out / f"ckpt_{step:06d}", out / f".tmp_ckpt_{step:06d}"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -96,8 +97,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="SPG over several ranks; every other flag is spg_min's",
                                 allow_abbrev=False)
     p.add_argument("--shard", choices=["fsdp", "ddp"], default=None, help="default: ddp for a 4-bit base, else fsdp")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from the newest checkpoint in --out (takes no value, unlike spg_min's --resume)")
     args, rest = p.parse_known_args(argv)
+    if args.resume not in (True, False):
+        raise SystemExit(f"scale/train.py --resume takes no value (got {args.resume!r}): pass --resume to continue "
+                         "the run in --out, or leave it out and pass a fresh --out to start anew")
     cfg = S.parse_config(rest)
     if cfg.estimator == "d1":
         raise SystemExit("scale/ runs SPG only: run the d1 baseline (--estimator d1) with spg_min.py")
@@ -143,8 +148,11 @@ def main(argv=None):
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         start_step, summary = state["step"], json.loads((out / "summary.json").read_text())
-        if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG stream
-            torch.set_rng_state(state["torch_rng_per_rank"][rank])
+        if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG streams
+            cpu_rng, cuda_rng = state["torch_rng_per_rank"][rank]
+            torch.set_rng_state(cpu_rng)
+            if cuda and cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng)
         if rank == 0:           # drop metrics rows logged after the checkpoint
             S.cut_metrics(out, start_step)
 
@@ -224,8 +232,12 @@ def main(argv=None):
                                        "lower --lr or check the data")
         # ---- gather rewards; rank 0 logs one line and one metrics.jsonl row
         cat = lambda key: torch.cat([gr[key] for gr in groups])
-        stats = all_gather(torch.cat([cat("rewards")[:, None], cat("per_fn"), cat("c").sum(-1, keepdim=True)], 1), device)
+        lengths = cat("c").sum(-1, keepdim=True).cpu().double()                          # c lives on the GPU
+        repeated = sum(S.repeated_token_fraction(gr["seqs"][:, gr["P"]:], gr["c"], stop_ids) * g for gr in groups)
+        stats = all_gather(torch.cat([cat("rewards")[:, None], cat("per_fn"), lengths], 1), device)
         rewards, per_fn, lengths = stats[:, 0], stats[:, 1:-1], stats[:, -1]
+        tokens_per_s = (all_reduce(sum(gr["c"].numel() for gr in groups), SUM, device)
+                        / all_reduce(t_rollout, MAX, device)).item()
         zero_var = (rewards.view(-1, g) == rewards.view(-1, g)[:, :1]).all(-1).float().mean().item()
         dt = time.time() - t0
         row = {"step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
@@ -233,7 +245,11 @@ def main(argv=None):
                "reward/missing": int(all_reduce(sum(gr["missing"] for gr in groups), SUM, device)),
                "reward/frac_zero_adv_groups": zero_var, "gen/len": lengths.mean().item(),
                "loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "lr": cfg.lr,
-               "skipped": skipped, **bounds, "time/rollout_s": t_rollout, "time/step_s": dt}
+               "health/repeated_frac": all_reduce(repeated, SUM, device).item() / len(rewards),
+               "skipped": skipped, "nonfinite_steps": summary.get("nonfinite_steps", 0), **bounds,
+               "time/rollout_s": t_rollout, "time/step_s": dt, "tokens_per_s": tokens_per_s}
+        if row["health/repeated_frac"] > S.REPEAT_ALARM:
+            log(S.collapse_warning(row["health/repeated_frac"], step + 1))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             row["eval"] = evaluate(f"eval step {step + 1}")
         if rank == 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import model as M
+import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,5 +28,8 @@ def test_eval_writes_generations_and_table(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / "ev" / f"generations_sudoku_{length}.jsonl").open()]
         assert len(rows) == 6 and all({"completion", "score", "answer", "example"} <= set(r) for r in rows)
         assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+        task = tasks.get_task("sudoku")   # the logged answer is what the score read; the problems are training's
+        assert all(r["answer"] == task.answer(r["completion"]) for r in rows)
+        assert [r["example"] for r in rows] == tasks.load_eval("sudoku", n=6, seed=42)
     table = (tmp_path / "ev" / "results_sudoku.md").read_text().splitlines()
     assert table[0].startswith("| length | accuracy") and len(table) == 4

@@ -86,6 +86,8 @@ def test_two_ranks_finish(tmp_path, shard):
     out = tmp_path / "run"
     torchrun(tmp_path, 2, "--max-steps", "3", "--shard", shard, "--out", str(out))
     assert [row["step"] for row in metrics(out)] == [1, 2, 3]
+    for row in metrics(out):   # spg_min's health and speed metrics, over both ranks
+        assert 0.0 <= row["health/repeated_frac"] <= 1.0 and row["tokens_per_s"] > 0 and row["nonfinite_steps"] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["shard"] == shard and summary["eval_after"]["n"] == 8
     assert (out / "ckpt_000003" / "state.pt").exists()
@@ -105,6 +107,13 @@ def test_fsdp_with_4bit_base_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scale" / "train.py"), "--model", "some/llada", "--shard", "fsdp",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "cannot shard a 4-bit" in proc.stderr
+
+
+def test_resume_with_a_value_is_refused(tmp_path):
+    """scale/train.py's --resume is a switch; spg_min's `--resume none` must not leave `none` to a confusing error."""
+    proc = subprocess.run([sys.executable, str(REPO / "scale" / "train.py"), "--resume", "none", "--model", "tiny",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--resume takes no value (got 'none')" in proc.stderr
 
 
 def test_one_step_same_for_one_and_two_ranks(tmp_path, shim):

@@ -209,6 +209,10 @@ def test_b02_number_extraction():
     assert tasks.last_number("8,000") == 8000 and tasks.last_number("9{,}500") == 9500
     assert tasks.last_number(", , ,") is None and tasks.last_number("$-5.") == -5
     assert tasks.get_task("gsm8k").score("\\boxed{$9{,}500}", {"answer": "9500"}) == 1.0
+    score, ex = tasks.get_task("gsm8k").score, {"answer": "72"}
+    assert score("The total is 72 clips, altogether.", ex) == 1.0       # no tag at all: the text's last number
+    assert score("So 72 clips. <answer></answer>", ex) == 0.0           # an empty tag is an empty answer (B03)
+    assert score("It is 72. <answer>7</answer>", ex) == 0.0             # the tag wins over the text
     int_reward = fns("gsm8k")["int"]
     assert int_reward("<answer>-5</answer>", {}) == 0.5 and int_reward("<answer>1,080</answer>", {}) == 0.5
     assert int_reward("<answer>$72</answer>", {}) == 0.0 and int_reward("<answer>72.5</answer>", {}) == 0.0
@@ -262,10 +266,29 @@ def test_b06_countdown_multiset_and_exact_values():
     assert score("\\boxed{81 \\times 1 \\times 1 \\times 1 = 81}", ex) == 1.0
     ex = {"nums": [161, 2], "target": 80}
     assert reward("<answer>161/2</answer>", ex) == 0.1 and score("<answer>161/2</answer>", ex) == 0.0
-    for bad in ["__import__('os').system('1')", "81**1*1*1", "-(1-81)*1*1", "81.0*1*1*1", "81*1*1*1=81", "81 1 1 1"]:
+    for bad in ["__import__('os').system('1')", "81**1*1*1", "81//1*1*1", "81.0*1*1*1", "81*1*1*1=81", "81 1 1 1"]:
         assert reward(f"<answer>{bad}</answer>", {"nums": [1, 81, 1, 1], "target": 81}) == 0.0, bad
+    ex = {"nums": [30, 100, 93], "target": 23}                  # signs, as the reference's eval accepts them
+    assert reward("<answer>-100 + 93 + 30</answer>", ex) == 1.0 and score("\\boxed{-100 + 93 + 30}", ex) == 1.0
+    assert reward("<answer>-(100 - 93 - 30)</answer>", ex) == 1.0 and reward("<answer>+93-100+30</answer>", ex) == 1.0
+    assert tasks.countdown_eval("-(1-81)*1*1") == (Fraction(80), [1, 1, 1, 81])
     assert tasks.countdown_eval("(100-93)/(30-23)*1") == (Fraction(1), [1, 23, 30, 93, 100])
     assert tasks.countdown_eval("1/(2-2)") is None
+
+
+def test_eval_answer_is_what_the_score_reads():
+    """Task.answer (logged by eval.py) is the text each score reads, and Countdown's eval falls back to the first
+    inline `expr = number` when there is neither a box nor an answer tag (data.md 4.2)."""
+    cd, ex = tasks.get_task("countdown"), {"nums": [30, 100, 93], "target": 23}
+    assert cd.answer("Step 1: 30 + 93 = 123. So 30 + 93 - 100 = 23.") == "30 + 93"   # the first one, as the reference
+    assert cd.score("Step 1: 30 + 93 = 123. So 30 + 93 - 100 = 23.", ex) == 0.0
+    assert cd.answer("I get 30 + 93 - 100 = 23.") == "30 + 93 - 100" and cd.score("I get 30 + 93 - 100 = 23.", ex) == 1.0
+    assert cd.answer("\\boxed{93 \\times 1 = 93}") == "93 * 1" and cd.answer("no equation") == ""
+    assert tasks.get_task("gsm8k").answer("<answer>\\boxed{9{,}500}</answer>") == "9{,}500"
+    assert tasks.get_task("gsm8k").answer("The total is 72 clips.") == "The total is 72 clips."
+    assert tasks.get_task("math").answer("<answer>\\frac{1}{2}</answer>") == "\\frac{1}{2}"
+    sudoku = tasks.get_task("sudoku")
+    assert sudoku.answer("x 1234123412341234 y") == "1234123412341234" and sudoku.answer("<answer>\n12") == "12"
 
 
 # ---------------------------------------------------------------------------------------------------------------
