@@ -318,3 +318,38 @@ def test_warm_start_curve_quick():
     assert [x["warm_start_steps"] for x in lines] == [1, 2] and all(x["n"] == 8 for x in lines)
     bad = subprocess.run(cmd[:3] + ["0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "positive step counts" in bad.stderr
+
+
+def test_cell_advantages_by_hand():
+    """bench/cell_credit.py: each empty cell's correctness minus its group mean, on the token that writes it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import cell_credit as CC
+    import model as M
+    tok = M.tiny_tokenizer()
+    digit_ids = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    ex = {"puzzle": "0234" + "3412" + "2143" + "432" + "0", "solution": "1234341221434321"}   # cells 0 and 15 empty
+    rows = ["<answer>\n1234341221434321\n</answer>",      # both right
+            "<answer>\n4234341221434321\n</answer>",      # cell 0 wrong
+            "<answer>\n1234341221434324\n</answer>"]      # cell 15 wrong
+    comp = torch.tensor([tok(r, add_special_tokens=False)["input_ids"] for r in rows])      # [3, 20]
+    adv = CC.cell_advantages(comp, [ex] * 3, 3, digit_ids)
+    cell0, cell15 = CC.FIRST_CELL, CC.FIRST_CELL + 15
+    assert adv[:, cell0].tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3])
+    assert adv[:, cell15].tolist() == pytest.approx([1 / 3, 1 / 3, -2 / 3])
+    others = torch.ones(20, dtype=torch.bool)
+    others[[cell0, cell15]] = False
+    assert adv[:, others].abs().sum() == 0                                   # givens and tags get no credit
+    assert adv.sum(0).abs().max() < 1e-6                                     # advantages sum to 0 in the group
+
+
+def test_cell_credit_quick(tmp_path):
+    """Two steps from a 3-step warm start: random digits differ between completions, so cells get credit and the
+    update runs (grad norm > 0), and the run writes its metrics and before/after evaluations."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import cell_credit as CC
+    summary = CC.main(["--max-steps", "2", "--warm-start-steps", "3", "--eval-n", "8", "--eval-every", "1",
+                       "--cache-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "eval" in rows[0] and "eval" not in rows[1]   # 2: eval_after
+    assert max(r["grad_norm"] for r in rows) > 0
+    assert summary["eval_after"]["n"] == 8
