@@ -214,10 +214,11 @@ def _gsm8k_correct(c, ex):
     return 2.0 if last_number(last_boxed(content) or content) == gold else 0.0
 
 def _gsm8k_answer(c):
-    """What the GSM8K eval reads: the last \\boxed{}, else the answer tag, else (no tag at all) the whole text,
-    whose last number counts (B02's `The total is 72 clips, altogether.`; the reference scores it 0)."""
-    tagged = answer_tag(c)
-    return last_boxed(c) or (c if tagged is None else tagged)
+    """What the GSM8K eval reads: the last \\boxed{}, else the answer tag, else (neither written at all) the whole
+    text, whose last number counts (B02's `The total is 72 clips, altogether.`; the reference scores it 0)."""
+    if re.search(r"\\(?:boxed|fbox)|<answer>", c):                # an empty box or tag is an empty answer (B03)
+        return last_boxed(c) or answer_tag(c) or ""
+    return c
 
 def _gsm8k_score(c, ex):
     """Eval: 1 if the last number of _gsm8k_answer(c) equals the gold number."""
@@ -277,7 +278,8 @@ COUNTDOWN_TRAIN_SIZE = 20_000  # generated training problems (RL consumes far fe
 COUNTDOWN_EVAL_SEED = 42  # for the stand-in eval set when the published file is absent
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _SIGNS = {ast.USub: operator.neg, ast.UAdd: operator.pos}  # `-100 + 93 + 30`: the reference's eval accepts it
-_INLINE_EQUATION = re.compile(r"([0-9+\-*/()\s]+)=\s*-?[0-9]")  # `30 + 93 - 100 = 23` in running text (data.md 4.2)
+_INLINE_EQUATION = re.compile(r"(?<![0-9+\-*/() ])([0-9+\-*/() ]+)=\s*-?[0-9]")  # `30 + 93 - 100 = 23` in a line
+_LATEX_OPS = {"\\times": "*", "\\cdot": "*", "\\div": "/"}
 
 def _countdown_row(raw):
     if "nums" in raw:
@@ -320,11 +322,13 @@ def _countdown_reward(c, ex):
 def _countdown_answer(c):
     """What the Countdown eval reads: the last \\boxed{} (else the answer tag, else the first inline
     `expr = number` of the text, data.md 4.2), LaTeX operators mapped, text after `=` dropped."""
+    for latex, op in _LATEX_OPS.items():
+        c = c.replace(latex, op)
     expr = last_boxed(c) or answer_tag(c)
     if expr is None:
         inline = _INLINE_EQUATION.search(c)
         expr = inline.group(1) if inline else ""
-    return expr.replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/").split("=")[0].strip()
+    return expr.split("=")[0].strip()
 
 def _countdown_score(c, ex):
     return 1.0 if _countdown_solved(_countdown_answer(c), ex) else 0.0

@@ -149,12 +149,14 @@ def main(argv=None):
                        options=StateDictOptions(full_state_dict=True, strict=False))
         start_step, summary = state["step"], json.loads((out / "summary.json").read_text())
         if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG streams
-            cpu_rng, cuda_rng = state["torch_rng_per_rank"][rank]
+            saved = state["torch_rng_per_rank"][rank]
+            cpu_rng, cuda_rng = saved if isinstance(saved, (tuple, list)) else (saved, None)   # older: CPU only
             torch.set_rng_state(cpu_rng)
             if cuda and cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng)
-        if rank == 0:           # drop metrics rows logged after the checkpoint
-            S.cut_metrics(out, start_step)
+        if rank == 0:           # drop metrics rows logged after the checkpoint; the skip count goes on from there
+            kept = S.cut_metrics(out, start_step)
+            summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
 
     def evaluate(desc):
         """Every rank scores an equal slice (padded with the last example, so all run the same forwards)."""
@@ -177,15 +179,17 @@ def main(argv=None):
         t0 = time.time()
         # ---- rollouts: this rank's k prompts of the single-process batch, one group of g completions at a time
         order = torch.randperm(len(train_set), generator=S.make_generator(cfg.seed, step, 0))[:cfg.num_prompts]
-        groups = []
+        groups, t_rollout = [], 0.0           # t_rollout: decoding only, as in spg_min (rewards not counted)
         model.eval()
         for j in range(rank * k, (rank + 1) * k):             # j: the prompt's place in the global batch
             ex = train_set[int(order[j])]
             ids, attn = S.encode_prompts(tok, [T.build_prompt(cfg.task, ex, split="train", style=style)], device=device)
             ids, attn = ids.repeat(g, 1), attn.repeat(g, 1)                                   # [g, P]
+            t_gen = time.time()
             seqs = S.generate(model, ids, attn, gen_length=cfg.gen_length, block_length=cfg.block_length,
                               steps=cfg.steps, temperature=cfg.temperature, mask_id=mask_id,
                               generator=S.make_generator(cfg.seed, step, 1, j, device=device))   # [g, L]
+            t_rollout += time.time() - t_gen
             comp = seqs[:, ids.shape[1]:]                                                     # [g, Lg]
             c = S.completion_mask(comp, stop_ids)                                             # [g, Lg]
             per_fn, rewards, missing = S.score_rewards(task, S.decode_completions(tok, comp, c), [ex] * g)
@@ -193,7 +197,6 @@ def main(argv=None):
             groups.append(dict(j=j, seqs=seqs, P=ids.shape[1], c=c, adv=adv, per_fn=per_fn, rewards=rewards,
                                missing=missing, attn=torch.cat([attn, torch.ones_like(comp)], 1)))
         model.train()
-        t_rollout = time.time() - t0
         num_tokens = all_reduce(sum(gr["c"].sum() for gr in groups), SUM, device).long().to(device)  # GLOBAL (B31)
         n_run = int(all_reduce(sum(bool(gr["adv"].any()) for gr in groups), MAX, device))
         run = sorted(groups, key=lambda gr: not gr["adv"].any())[:n_run]   # active groups first, then 0-adv fillers

@@ -157,3 +157,6 @@ def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, shim):
     w1, w2, w3 = (weights(out, s)[0] for s in (1, 2, 3))
     assert max_diff(w1, w2) == 0.0 and max_diff(w2, w3) > 0
     assert json.loads((out / "summary.json").read_text())["nonfinite_steps"] == 1
+    torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(out), "--resume", script=shim, timeout=90)
+    assert [row["nonfinite_steps"] for row in metrics(out)] == [0, 1, 1, 1]      # the count goes on after --resume
+    assert json.loads((out / "summary.json").read_text())["nonfinite_steps"] == 1

@@ -284,6 +284,11 @@ def test_eval_answer_is_what_the_score_reads():
     assert cd.score("Step 1: 30 + 93 = 123. So 30 + 93 - 100 = 23.", ex) == 0.0
     assert cd.answer("I get 30 + 93 - 100 = 23.") == "30 + 93 - 100" and cd.score("I get 30 + 93 - 100 = 23.", ex) == 1.0
     assert cd.answer("\\boxed{93 \\times 1 = 93}") == "93 * 1" and cd.answer("no equation") == ""
+    assert cd.answer("We use 93\n30 + 93 - 100 = 23") == "30 + 93 - 100"        # an inline equation is one line
+    assert cd.answer("4 \\times 6 \\times 1 = 24") == "4 * 6 * 1"              # LaTeX mapped before the search
+    assert cd.score("4 \\times 6 \\times 1 = 24", {"nums": [4, 6, 1], "target": 24}) == 1.0
+    gsm8k = tasks.get_task("gsm8k")
+    assert gsm8k.answer("\\boxed{} the total is 72") == "" and gsm8k.score("\\boxed{} the total is 72", {"answer": "72"}) == 0
     assert tasks.get_task("gsm8k").answer("<answer>\\boxed{9{,}500}</answer>") == "9{,}500"
     assert tasks.get_task("gsm8k").answer("The total is 72 clips.") == "The total is 72 clips."
     assert tasks.get_task("math").answer("<answer>\\frac{1}{2}</answer>") == "\\frac{1}{2}"
