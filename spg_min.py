@@ -94,6 +94,7 @@ class Config:
     steps: int = 128                    # decoding steps for Lg tokens (2 tokens per step)
     temperature: float = 0.9            # rollout temperature (Sudoku 0.3)
     max_prompt_length: int = 512        # longer prompts are refused at data loading
+    d1_compat: bool = False             # GSM8K format rewards exactly as the reference's (single-line only, B01)
     # SPG objective
     estimator: str = "mix"              # bound for A <= 0: mix | eubo | elbo | zero; or d1 (the diffu-GRPO baseline)
     beta: float = 1.5                   # Renyi order of the EUBO (Sudoku 1.0)
@@ -861,7 +862,7 @@ def train(cfg: Config) -> dict:
     out = prepare_out(cfg)
     tok, style, ids = load_tokenizer(cfg)
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
-    task = T.get_task(cfg.task)
+    task = T.get_task(cfg.task, d1_compat=cfg.d1_compat)
     train_set = load_train_set(cfg, tok, style)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
     model = load_model(cfg, len(tok))

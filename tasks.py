@@ -4,7 +4,8 @@ Follows the reference code of SPG (facebookresearch/SPG @ a1c7120) and d1 (dllm-
 described in ../shared/docs/data.md; cases B01-B06 of ../shared/docs/field_cases.md are tested in
 tests/test_tasks.py. Deliberate departures from the reference (the reference is wrong or brittle here):
   1. Format regexes use DOTALL and `re.search` for the soft format, so multi-line reasoning counts (B01).
-     `d1_compat=True` on the two format functions reproduces the reference.
+     `d1_compat=True` on the two format functions reproduces the reference (`get_task(..., d1_compat=True)`,
+     spg_min's `--d1-compat true`).
   2. GSM8K answers compare as numbers (Fraction): commas, `{,}`, `$`, `72.00`, negatives, a `\\boxed{}` inside
      the answer (B02). The int reward accepts negatives and thousands separators.
   3. xmlcount: 0.125 per tag present exactly once, minus 0.001 per character after `\\n</answer>` (one newline
@@ -32,6 +33,7 @@ import re
 import threading
 import urllib.request
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -596,10 +598,21 @@ TASKS = {
     "sudoku": Task("sudoku", _funcs(("sudoku", _sudoku_reward)), 1.0, _safe(_sudoku_score, failed=0.0), _sudoku_answer),
 }
 
-def get_task(name):
+def _strict_format_d1(c, ex):
+    return strict_format(c, ex, d1_compat=True)
+
+def _soft_format_d1(c, ex):
+    return soft_format(c, ex, d1_compat=True)
+
+def get_task(name, *, d1_compat=False):
+    """The task `name`; d1_compat=True swaps in the reference's single-line GSM8K format rewards (B01 parity)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+    if not d1_compat or name != "gsm8k":
+        return TASKS[name]
+    compat = {"strict_format": _strict_format_d1, "soft_format": _soft_format_d1}
+    return dataclasses.replace(TASKS[name], reward_funcs=tuple(
+        (fname, _safe(compat[fname]) if fname in compat else fn, weight) for fname, fn, weight in TASKS[name].reward_funcs))
 
 def aggregate(name, scores, examples):
     """Eval summary in %. Sudoku: cell accuracy micro-averaged over all empty cells (the paper's metric) + solved."""

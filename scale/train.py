@@ -125,7 +125,7 @@ def main(argv=None):
     k, g, m = groups_per_rank(cfg.num_prompts, world), cfg.group_size, cfg.num_mc
     log = print if rank == 0 else (lambda *a, **kw: None)
     # ---- data, model, optimizer: every rank loads the same model; rank 0 warm-starts the tiny one and broadcasts
-    task = T.get_task(cfg.task)
+    task = T.get_task(cfg.task, d1_compat=cfg.d1_compat)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
     tok, style, ids = S.load_tokenizer(cfg)
     train_set = S.load_train_set(cfg, tok, style)

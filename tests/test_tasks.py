@@ -184,6 +184,13 @@ def test_b01_format_rewards_match_multiline_reasoning():
     one_line = "<reasoning>\nStep 1\n</reasoning>\n<answer>\n42\n</answer>\n"  # reference: strict 0.5, soft 0.0
     assert tasks.strict_format(one_line, {}, d1_compat=True) == 0.5
     assert tasks.soft_format(one_line, {}, d1_compat=True) == 0.0
+    compat = {name: fn for name, fn, _ in tasks.get_task("gsm8k", d1_compat=True).reward_funcs}   # the flagged mode
+    assert (compat["strict_format"](B01, {}), compat["soft_format"](B01, {})) == (0.0, 0.0)
+    assert (compat["strict_format"](one_line, {}), compat["soft_format"](one_line, {})) == (0.5, 0.0)
+    assert compat["xmlcount"] is fns("gsm8k")["xmlcount"] and tasks.get_task("math", d1_compat=True) is tasks.TASKS["math"]
+    import spg_min
+    assert spg_min.parse_config(["--task", "gsm8k", "--d1-compat", "true"]).d1_compat is True
+    assert spg_min.parse_config(["--task", "gsm8k"]).d1_compat is False
     assert soft("I think.\n" + B01, {}) == 0.5 and strict("I think.\n" + B01, {}) == 0.0
     xmlcount = fns("gsm8k")["xmlcount"]
     assert xmlcount(B01, {}) == 0.5 and xmlcount(B01 + "x" * 11, {}) == pytest.approx(0.489)
