@@ -42,7 +42,7 @@ sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
 import torch, tasks as T, spg_min as S
 from test_resume import chars_reward
 real_get_task = T.get_task
-T.get_task = lambda name: dataclasses.replace(real_get_task(name), reward_funcs=(("chars", chars_reward, 1.0),))
+T.get_task = lambda name, **kw: dataclasses.replace(real_get_task(name, **kw), reward_funcs=(("chars", chars_reward, 1.0),))
 env = os.environ.get
 def fire():                                    # each hook fires once: the marker file disarms it for the resume
     if not env("HOOK_MARK") or Path(env("HOOK_MARK")).exists():
@@ -180,8 +180,8 @@ def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, reference, sig):
 def inproc(monkeypatch):
     """train() in this process with the varied reward; the signal handlers it installs are put back afterwards."""
     real_get_task = T.get_task
-    monkeypatch.setattr(T, "get_task", lambda name: __import__("dataclasses").replace(
-        real_get_task(name), reward_funcs=(("chars", chars_reward, 1.0),)))
+    monkeypatch.setattr(T, "get_task", lambda name, **kw: __import__("dataclasses").replace(
+        real_get_task(name, **kw), reward_funcs=(("chars", chars_reward, 1.0),)))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield lambda out, *extra: S.train(S.parse_config(ARGS + ["--out", str(out), "--cache-dir", str(out / "cache"),
                                                             "--save-every", "1", *extra]))
