@@ -22,6 +22,7 @@ An empty or missing answer never scores, and no reward or score function raises 
 """
 import ast
 import csv
+import dataclasses
 import functools
 import itertools
 import json
@@ -33,7 +34,6 @@ import re
 import threading
 import urllib.request
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
