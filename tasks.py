@@ -578,11 +578,8 @@ class Task:
         return self.score_fn(completion, example)
 
     def answer(self, completion):
-        """The text the evaluation score reads from completion (None when there is none); never raises."""
-        try:
-            return self.answer_fn(completion)
-        except Exception:
-            return None
+        """The text the evaluation score reads from completion (string scans only: never raises on a string)."""
+        return self.answer_fn(str(completion))
 
 def _funcs(*pairs):
     return tuple((name, _safe(fn), 1.0) for name, fn in pairs)

@@ -236,7 +236,8 @@ def main(argv=None):
         # ---- gather rewards; rank 0 logs one line and one metrics.jsonl row
         cat = lambda key: torch.cat([gr[key] for gr in groups])
         lengths = cat("c").sum(-1, keepdim=True).cpu().double()                          # c lives on the GPU
-        repeated = sum(S.repeated_token_fraction(gr["seqs"][:, gr["P"]:], gr["c"], stop_ids) * g for gr in groups)
+        completions = torch.cat([gr["seqs"][:, gr["P"]:] for gr in groups])                # [k * g, Lg]
+        repeated = S.repeated_token_fraction(completions, cat("c"), stop_ids) * len(completions)   # this rank's count
         stats = all_gather(torch.cat([cat("rewards")[:, None], cat("per_fn"), lengths], 1), device)
         rewards, per_fn, lengths = stats[:, 0], stats[:, 1:-1], stats[:, -1]
         tokens_per_s = (all_reduce(sum(gr["c"].numel() for gr in groups), SUM, device)
