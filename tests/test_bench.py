@@ -353,3 +353,48 @@ def test_cell_credit_quick(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and "eval" in rows[0] and "eval" not in rows[1]   # 2: eval_after
     assert max(r["grad_norm"] for r in rows) > 0
     assert summary["eval_after"]["n"] == 8
+
+
+def test_rl_variants_few_empties_reach_rl_only(monkeypatch):
+    """bench/rl_variants.py few-empties: train()'s training set has the given clue counts; the warm start's set
+    and the held-out set keep the published ones, and the module state is restored between the calls."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import rl_variants as RV
+    import tasks as T
+    for name in ("load_train_set", "warm_start_setup"):     # restored by monkeypatch after the test
+        monkeypatch.setattr(S, name, getattr(S, name))
+    published = T.SUDOKU_CLUES
+    RV.rl_clue_counts([12, 13])
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny"])
+    tok = M.tiny_tokenizer()
+    rl_set = S.load_train_set(cfg, tok, "tiny")
+    assert {16 - ex["puzzle"].count("0") for ex in rl_set} == {12, 13} and T.SUDOKU_CLUES is published
+    warm_set, _, _ = S.warm_start_setup(M.tiny_model(len(tok)), tok, cfg, "tiny")
+    assert {16 - ex["puzzle"].count("0") for ex in warm_set} == set(published)
+    assert T.SUDOKU_CLUES is published
+    assert {16 - ex["puzzle"].count("0") for ex in S.load_train_set(cfg, tok, "tiny")} == {12, 13}   # still RL's
+
+
+@pytest.mark.parametrize("variant", ["lora", "frozen-embeddings"])
+def test_rl_variants_quick(tmp_path, variant):
+    """One RL step after a 3-step warm start: the trainable weights are the adapters (r x (in + out) per linear
+    layer, head excluded) or everything but the embeddings and head, and the checkpoint saves exactly those."""
+    tok = M.tiny_tokenizer()
+    net = M.tiny_model(len(tok))
+    linears = [m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    expected = {"lora": sum(16 * (m.in_features + m.out_features) for m in linears),
+                "frozen-embeddings": sum(p.numel() for p in net.parameters())
+                - net.get_input_embeddings().weight.numel() - net.get_output_embeddings().weight.numel()}[variant]
+    cmd = [sys.executable, str(ROOT / "bench" / "rl_variants.py"), variant, "--out", str(tmp_path / "run"), "--",
+           "--warm-start-steps", "3", "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts", "2",
+           "--eval-n", "8", "--eval-every", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)    # a hang guard: ~30 s alone
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{expected:,} trainable weights" in proc.stdout
+    state = torch.load(tmp_path / "run" / "ckpt_000001" / "state.pt", weights_only=False)
+    assert sum(v.numel() for v in state["model"].values()) == expected
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["variant"] == variant and result["after"]["n"] == 8
+    refused = subprocess.run(cmd[:-12] + ["--warm-start-steps", "0"], capture_output=True, text=True, timeout=120,
+                             cwd=ROOT)
+    assert refused.returncode == 2 and "--warm-start-steps 0" in refused.stderr

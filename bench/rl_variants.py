@@ -1,0 +1,122 @@
+"""Three changes to the tiny Sudoku RL run that were tried for the main job's bar and did not help (README, "Results").
+
+Each is one `spg_min.train` run of the tiny model whose warm start is built (or loaded from its cache) exactly as
+the main job's; the change applies to RL only:
+
+lora                LoRA adapters (peft, rank --rank, alpha --alpha, no dropout, every linear layer but the head) are
+                    injected into the warm-started model, whose own weights are then frozen: the paper trains LLaDA
+                    through LoRA, and a low-rank update has fewer directions for the noise to take.
+frozen-embeddings   the token embeddings and the output head are frozen after the warm start: the collapsed runs
+                    broke the rows of rarely sampled tokens (README, "What limits RL here").
+few-empties         RL's training puzzles are drawn with the clue counts in --clues (e.g. 12,13: 3 or 4 empty
+                    cells), so that a sequence's advantage credits few cells; the warm start and the held-out set
+                    keep the published clue counts.
+
+Flags after `--` go to spg_min (learning rate, steps, seed, ...); every run is fresh (`--resume none`).
+
+Run: OMP_NUM_THREADS=1 python bench/rl_variants.py lora --rank 16 --alpha 32 --out /tmp/rv_lora -- --lr 5e-4 \\
+         --max-steps 75
+     OMP_NUM_THREADS=1 python bench/rl_variants.py frozen-embeddings --out /tmp/rv_frozen -- --max-steps 75
+     OMP_NUM_THREADS=1 python bench/rl_variants.py few-empties --clues 12,13 --out /tmp/rv_few -- --max-steps 75
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model as M      # noqa: E402
+import spg_min as S    # noqa: E402
+import tasks as T      # noqa: E402
+
+
+def after_warm_start(change):
+    """spg_min.sft_warm_start, then change(model) in place. train() looks sft_warm_start up in spg_min when it
+    runs and collects the parameters that still require grad right after it, so the change reaches RL only."""
+    warm_start = S.sft_warm_start
+
+    def wrapped(model, *args, **kwargs):
+        warm_start(model, *args, **kwargs)
+        change(model)
+    return wrapped
+
+
+def inject_lora(model, rank: int, alpha: int):
+    """LoRA on every linear layer but the head, in place (peft replaces the layers inside `model` and freezes the
+    rest; the PeftModel wrapper it returns is not needed); returns the number of trainable weights."""
+    M.add_lora(model, r=rank, alpha=alpha, dropout=0.0, targets="all-linear")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def freeze_embeddings(model):
+    """Freeze the token embeddings and the output head, in place; returns the number of trainable weights."""
+    model.get_input_embeddings().requires_grad_(False)
+    model.get_output_embeddings().requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def rl_clue_counts(clues: list[int]):
+    """RL's Sudoku training puzzles drawn with these clue counts (uniformly). Only train()'s own load_train_set
+    call sees them: the warm start loads its set through warm_start_setup, which runs with the original loader,
+    and the held-out set (load_eval) is never touched."""
+    load, setup = S.load_train_set, S.warm_start_setup
+
+    def load_few_empties(*args, **kwargs):
+        published, T.SUDOKU_CLUES = T.SUDOKU_CLUES, {c: 1 for c in clues}
+        try:
+            return load(*args, **kwargs)
+        finally:
+            T.SUDOKU_CLUES = published
+
+    def warm_start_setup(*args, **kwargs):
+        S.load_train_set = load
+        try:
+            return setup(*args, **kwargs)
+        finally:
+            S.load_train_set = load_few_empties
+    S.load_train_set, S.warm_start_setup = load_few_empties, warm_start_setup
+
+
+def clue_counts(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(4 <= v <= 15 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give clue counts from 4 to 15 separated by commas, e.g. 12,13")
+    return values
+
+
+def parse(argv):
+    ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="spg_min flags go after `--`")
+    p.add_argument("variant", choices=["lora", "frozen-embeddings", "few-empties"])
+    p.add_argument("--out", required=True, help="the run's directory (must not hold a run)")
+    p.add_argument("--rank", type=int, default=16, help="lora: adapter rank")
+    p.add_argument("--alpha", type=int, default=32, help="lora: adapter alpha")
+    p.add_argument("--clues", type=clue_counts, default=[12, 13], help="few-empties: clue counts of RL's puzzles")
+    args = p.parse_args(ours)
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", args.out, "--resume", "none", *theirs])
+    if cfg.model != "tiny" or cfg.task != "sudoku":
+        p.error("the variants are for the tiny Sudoku run; drop --model and --task")
+    if not cfg.warm_start_steps:
+        p.error("the variants change RL after the warm start, which --warm-start-steps 0 skips: pass 1 or more")
+    return args, cfg
+
+
+def main(argv=None):
+    args, cfg = parse(sys.argv[1:] if argv is None else argv)
+    if args.variant == "lora":
+        S.sft_warm_start = after_warm_start(
+            lambda m: print(f"lora: {inject_lora(m, args.rank, args.alpha):,} trainable weights", flush=True))
+    elif args.variant == "frozen-embeddings":
+        S.sft_warm_start = after_warm_start(
+            lambda m: print(f"frozen embeddings: {freeze_embeddings(m):,} trainable weights", flush=True))
+    else:
+        rl_clue_counts(args.clues)
+    summary = S.train(cfg)
+    print(json.dumps({"variant": args.variant, "before": summary["eval_before"], "after": summary["eval_after"]}))
+
+
+if __name__ == "__main__":
+    main()
