@@ -29,6 +29,8 @@ import model as M      # noqa: E402
 import spg_min as S    # noqa: E402
 import tasks as T      # noqa: E402
 
+MIN_CLUES = 5   # some grids have only 12 unique-completion puzzles with 4 clues, fewer than tasks draws per grid
+
 
 def after_warm_start(change):
     """spg_min.sft_warm_start, then change(model) in place. train() looks sft_warm_start up in spg_min when it
@@ -82,8 +84,9 @@ def clue_counts(text: str) -> list[int]:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         values = []
-    if not values or not all(4 <= v <= 15 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give clue counts from 4 to 15 separated by commas, e.g. 12,13")
+    if not values or not all(MIN_CLUES <= v <= 15 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give clue counts from {MIN_CLUES} to 15 separated by commas, "
+                                         "e.g. 12,13")
     return values
 
 

@@ -8,6 +8,7 @@ every block in one call.
 
 Run: python -m pytest -q tests/test_bench.py      (the quick runs take a few minutes on 2 cores)
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -373,6 +374,10 @@ def test_rl_variants_few_empties_reach_rl_only(monkeypatch):
     assert {16 - ex["puzzle"].count("0") for ex in warm_set} == set(published)
     assert T.SUDOKU_CLUES is published
     assert {16 - ex["puzzle"].count("0") for ex in S.load_train_set(cfg, tok, "tiny")} == {12, 13}   # still RL's
+    assert RV.clue_counts("12,13") == [12, 13]
+    for bad in ("4", "16", "12,x", ""):     # 4 clues: too few unique puzzles for some grids (the draw would hang)
+        with pytest.raises(argparse.ArgumentTypeError):
+            RV.clue_counts(bad)
 
 
 @pytest.mark.parametrize("variant", ["lora", "frozen-embeddings"])
