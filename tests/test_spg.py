@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_spg.py
 """
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -61,11 +62,16 @@ def test_a_failed_task_reward_is_counted_missing_and_warned():   # B13 through a
     task, good = T.get_task("sudoku"), {"puzzle": "3014002020004130", "solution": "3214142323414132"}
     broken = {"puzzle": good["puzzle"]}                                     # a malformed example: no gold grid
     text = T.target_completion("sudoku", good)
-    with pytest.warns(UserWarning, match="every reward function failed"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _, total, missing = S.score_rewards(task, [text, text], [good, broken])
-    assert total.tolist() == [1.0, 0.0] and missing == 1
-    with pytest.warns(UserWarning, match="_sudoku_score raised KeyError"):
+        assert total.tolist() == [1.0, 0.0] and missing == 1
         assert task.reward(text, broken) == 0.0 and task.score(text, broken) == 0.0  # never raise, never None
+    messages = [str(w.message) for w in caught]
+    assert [m.split(":")[0] for m in messages] == ["_sudoku_reward raised KeyError", "sample 1",    # the batch's
+                                                   "_sudoku_reward raised KeyError",               # reward, score
+                                                   "_sudoku_score raised KeyError"], messages
+    assert "every reward function failed" in messages[1]
 
 
 # ---------------------------------------------------------------- completion mask, B19
