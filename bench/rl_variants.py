@@ -12,7 +12,8 @@ few-empties         RL's training puzzles are drawn with the clue counts in --cl
                     cells), so that a sequence's advantage credits few cells; the warm start and the held-out set
                     keep the published clue counts.
 
-Flags after `--` go to spg_min (learning rate, steps, seed, ...); every run is fresh (`--resume none`).
+Flags after `--` go to spg_min (learning rate, steps, seed, ...). A run starts fresh (`--resume none`); to continue
+an interrupted one, repeat its command with `-- ... --resume auto`.
 
 Run: OMP_NUM_THREADS=1 python bench/rl_variants.py lora --rank 16 --alpha 32 --out /tmp/rv_lora -- --lr 5e-4 \\
          --max-steps 75
@@ -29,7 +30,9 @@ import model as M      # noqa: E402
 import spg_min as S    # noqa: E402
 import tasks as T      # noqa: E402
 
-MIN_CLUES = 5   # some grids have only 12 unique-completion puzzles with 4 clues, fewer than tasks draws per grid
+# tasks draws SUDOKU_PER_GRID (50) distinct unique-completion puzzles per training grid and loops until it has them:
+MIN_CLUES = 5    # some grids have only 12 such puzzles with 4 clues
+MAX_CLUES = 14   # every grid has only 16 with 15 clues (at least 120 with 14, at least 400 with 5)
 
 
 def after_warm_start(change):
@@ -80,17 +83,19 @@ def rl_clue_counts(clues: list[int]):
 
 
 def clue_counts(text: str) -> list[int]:
+    """--clues: comma-separated clue counts from MIN_CLUES to MAX_CLUES; argparse reports anything else."""
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         values = []
-    if not values or not all(MIN_CLUES <= v <= 15 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give clue counts from {MIN_CLUES} to 15 separated by commas, "
-                                         "e.g. 12,13")
+    if not values or not all(MIN_CLUES <= v <= MAX_CLUES for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give clue counts from {MIN_CLUES} to {MAX_CLUES} separated by "
+                                         "commas, e.g. 12,13")
     return values
 
 
 def parse(argv):
+    """(our args, spg_min's Config) from the command line; spg_min's flags come after `--`."""
     ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="spg_min flags go after `--`")
     p.add_argument("variant", choices=["lora", "frozen-embeddings", "few-empties"])
@@ -108,6 +113,7 @@ def parse(argv):
 
 
 def main(argv=None):
+    """One run of the chosen variant. It patches spg_min and tasks for the rest of the process: one run per process."""
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     if args.variant == "lora":
         S.sft_warm_start = after_warm_start(

@@ -356,7 +356,7 @@ def test_cell_credit_quick(tmp_path):
     assert summary["eval_after"]["n"] == 8
 
 
-def test_rl_variants_few_empties_reach_rl_only(monkeypatch):
+def test_rl_variants_few_empties_reach_rl_only(monkeypatch, tmp_path):
     """bench/rl_variants.py few-empties: train()'s training set has the given clue counts; the warm start's set
     and the held-out set keep the published ones, and the module state is restored between the calls."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -374,8 +374,10 @@ def test_rl_variants_few_empties_reach_rl_only(monkeypatch):
     assert {16 - ex["puzzle"].count("0") for ex in warm_set} == set(published)
     assert T.SUDOKU_CLUES is published
     assert {16 - ex["puzzle"].count("0") for ex in S.load_train_set(cfg, tok, "tiny")} == {12, 13}   # still RL's
+    generated = T.load_eval("sudoku", str(tmp_path))     # no published file there: generated like the test set
+    assert {16 - ex["puzzle"].count("0") for ex in generated} <= set(published) and len(generated) == 256
     assert RV.clue_counts("12,13") == [12, 13]
-    for bad in ("4", "16", "12,x", ""):     # 4 clues: too few unique puzzles for some grids (the draw would hang)
+    for bad in ("4", "15", "16", "12,x", ""):    # 4 or 15 clues: too few unique puzzles for some grids (would hang)
         with pytest.raises(argparse.ArgumentTypeError):
             RV.clue_counts(bad)
 
@@ -383,23 +385,28 @@ def test_rl_variants_few_empties_reach_rl_only(monkeypatch):
 @pytest.mark.parametrize("variant", ["lora", "frozen-embeddings"])
 def test_rl_variants_quick(tmp_path, variant):
     """One RL step after a 3-step warm start: the trainable weights are the adapters (r x (in + out) per linear
-    layer, head excluded) or everything but the embeddings and head, and the checkpoint saves exactly those."""
+    layer, head excluded) or everything but the embeddings and head, and the checkpoint saves exactly those. The
+    change comes after the warm start: the cached warm start is a plain model whose embeddings were trained."""
     tok = M.tiny_tokenizer()
     net = M.tiny_model(len(tok))
     linears = [m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     expected = {"lora": sum(16 * (m.in_features + m.out_features) for m in linears),
                 "frozen-embeddings": sum(p.numel() for p in net.parameters())
                 - net.get_input_embeddings().weight.numel() - net.get_output_embeddings().weight.numel()}[variant]
-    cmd = [sys.executable, str(ROOT / "bench" / "rl_variants.py"), variant, "--out", str(tmp_path / "run"), "--",
-           "--warm-start-steps", "3", "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts", "2",
-           "--eval-n", "8", "--eval-every", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)    # a hang guard: ~30 s alone
+    script = [sys.executable, str(ROOT / "bench" / "rl_variants.py"), variant, "--out", str(tmp_path / "run"), "--",
+              "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts", "2", "--eval-n", "8",
+              "--eval-every", "0"]
+    proc = subprocess.run(script + ["--warm-start-steps", "3"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)    # a hang guard: ~30 s alone
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{expected:,} trainable weights" in proc.stdout
     state = torch.load(tmp_path / "run" / "ckpt_000001" / "state.pt", weights_only=False)
     assert sum(v.numel() for v in state["model"].values()) == expected
+    warm = torch.load(tmp_path / "warm_sudoku_tiny_L24_s3.pt")
+    assert warm.keys() == net.state_dict().keys()                                           # no adapters in it
+    assert not torch.equal(warm["model.embed_tokens.weight"], net.get_input_embeddings().weight)   # trained
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["variant"] == variant and result["after"]["n"] == 8
-    refused = subprocess.run(cmd[:-12] + ["--warm-start-steps", "0"], capture_output=True, text=True, timeout=120,
+    refused = subprocess.run(script + ["--warm-start-steps", "0"], capture_output=True, text=True, timeout=120,
                              cwd=ROOT)
     assert refused.returncode == 2 and "--warm-start-steps 0" in refused.stderr

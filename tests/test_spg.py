@@ -67,7 +67,7 @@ def test_a_failed_task_reward_is_counted_missing_and_warned():   # B13 through a
         _, total, missing = S.score_rewards(task, [text, text], [good, broken])
         assert total.tolist() == [1.0, 0.0] and missing == 1
         assert task.reward(text, broken) == 0.0 and task.score(text, broken) == 0.0  # never raise, never None
-    messages = [str(w.message) for w in caught]
+    messages = [str(w.message) for w in caught if w.category is UserWarning]   # not a dependency's deprecations
     assert [m.split(":")[0] for m in messages] == ["_sudoku_reward raised KeyError", "sample 1",    # the batch's
                                                    "_sudoku_reward raised KeyError",               # reward, score
                                                    "_sudoku_score raised KeyError"], messages
