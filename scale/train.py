@@ -235,13 +235,13 @@ def main(argv=None):
                                        "lower --lr or check the data")
         # ---- gather rewards; rank 0 logs one line and one metrics.jsonl row
         cat = lambda key: torch.cat([gr[key] for gr in groups])
-        lengths = cat("c").sum(-1, keepdim=True).cpu().double()                          # c lives on the GPU
+        c_rank = cat("c")                                                                 # [k * g, Lg]
+        lengths = c_rank.sum(-1, keepdim=True).cpu().double()                             # c lives on the GPU
         completions = torch.cat([gr["seqs"][:, gr["P"]:] for gr in groups])                # [k * g, Lg]
-        repeated = S.repeated_token_fraction(completions, cat("c"), stop_ids) * len(completions)   # this rank's count
+        repeated = S.repeated_token_fraction(completions, c_rank, stop_ids) * len(completions)   # this rank's count
+        tokens_per_s = (all_reduce(c_rank.numel(), SUM, device) / all_reduce(t_rollout, MAX, device)).item()
         stats = all_gather(torch.cat([cat("rewards")[:, None], cat("per_fn"), lengths], 1), device)
         rewards, per_fn, lengths = stats[:, 0], stats[:, 1:-1], stats[:, -1]
-        tokens_per_s = (all_reduce(sum(gr["c"].numel() for gr in groups), SUM, device)
-                        / all_reduce(t_rollout, MAX, device)).item()
         zero_var = (rewards.view(-1, g) == rewards.view(-1, g)[:, :1]).all(-1).float().mean().item()
         dt = time.time() - t0
         row = {"step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
