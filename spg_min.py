@@ -112,7 +112,7 @@ class Config:
     adam_eps: float = 1e-8              # AdamW eps (torch's default; bench/noise_control.py tries 1e-4)
     weight_decay: float = 0.1
     grad_clip: float = 0.2
-    load_in_4bit: bool = True           # NF4 base + LoRA (ignored for the tiny model)
+    load_in_4bit: bool = True           # NF4 base + LoRA (LLaDA only; the tiny preset sets it and LoRA off)
     lora_rank: int = 128
     lora_alpha: int = 64
     # evaluation and bookkeeping
@@ -136,6 +136,7 @@ TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; README "Results" sa
     temperature=1.0, lr=5e-5, weight_decay=0.0, grad_clip=1.0, max_steps=150, eval_every=25,
     eval_batch=256, warm_start_steps=200, max_prompt_length=64, save_every=25,
     p_mask_prompt=0.0,  # the tiny prompt IS the puzzle: masking 15 % of its givens biases the gradient (README)
+    load_in_4bit=False, lora_rank=0, lora_alpha=0,  # every weight trains in float32: no 4-bit base, no LoRA
 )
 
 ESTIMATOR_DEFAULTS = {  # d1 scores one fully masked copy of the completion (spg_spec.md (g)2)
@@ -1013,6 +1014,9 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **estimator, **given})
     try:
         validate(cfg)
+        if cfg.model == "tiny" and (cfg.load_in_4bit or cfg.lora_rank):
+            raise ValueError("--load-in-4bit and --lora-rank apply to LLaDA; the tiny model trains every weight in "
+                             "float32 (for LoRA on it: bench/rl_variants.py lora)")
     except ValueError as err:                         # a usage error, not a traceback; wrappers have their own usage
         p.exit(2, f"{p.prog}: error: {err}\n")
     return cfg

@@ -76,6 +76,7 @@ def test_presets_and_flag_precedence():
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--lr", "0.5"])
     assert cfg.lr == 0.5 and cfg.beta == 1.0 and cfg.gen_length == S.TINY_PRESET["gen_length"]
     assert cfg.max_prompt_length == 64                                      # preset > task
+    assert (cfg.load_in_4bit, cfg.lora_rank) == (False, 0)                  # summary.json records what ran
     assert S.parse_config(["--task", "sudoku"]).max_prompt_length == 1500   # the 3-shot prompt fits
     cfg = S.parse_config(["--task", "gsm8k"])
     assert cfg.max_prompt_length == 512 and cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
@@ -92,6 +93,8 @@ def test_presets_and_flag_precedence():
     (["--task", "sudoku", "--est", "mix"], "unrecognized arguments: --est mix"),   # no prefix matching
     (["--task", "sudoku", "--model", "tiny", "--block-length", "3", "--steps", "8"],   # 8 blocks; eval's 12 steps
      "gen_length / 2 = 12 steps, which must be a positive multiple of the number of blocks (8)"),
+    (["--task", "sudoku", "--model", "tiny", "--lora-rank", "8"], "--load-in-4bit and --lora-rank apply to LLaDA"),
+    (["--task", "sudoku", "--model", "tiny", "--load-in-4bit", "true"], "the tiny model trains every weight"),
 ])
 def test_the_cli_refuses_bad_values_with_a_usage_error_naming_the_fix(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
