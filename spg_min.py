@@ -131,11 +131,11 @@ TASK_DEFAULTS = {  # paper App. G.2 and spg_spec.md (e): 6000/4000/6000/2500 opt
     "countdown": dict(max_steps=1500),
     "sudoku": dict(max_steps=625, beta=1.0, temperature=0.3, max_prompt_length=1500),  # the 3-shot prompt (data.md 2.1)
 }
-TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; README "Results" says how it was chosen
+TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; docs/results.md says how it was chosen
     gen_length=24, block_length=8, steps=12, num_prompts=16, group_size=6, mu=2, micro_batch=96,
     temperature=1.0, lr=5e-5, weight_decay=0.0, grad_clip=1.0, max_steps=150, eval_every=25,
     eval_batch=256, warm_start_steps=200, max_prompt_length=64, save_every=25,
-    p_mask_prompt=0.0,  # the tiny prompt IS the puzzle: masking 15 % of its givens biases the gradient (README)
+    p_mask_prompt=0.0,  # the tiny prompt IS the puzzle: masking 15 % of its givens biases the gradient (docs/)
     load_in_4bit=False, lora_rank=0, lora_alpha=0,  # every weight trains in float32: no 4-bit base, no LoRA
 )
 
@@ -1014,9 +1014,9 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **estimator, **given})
     try:
         validate(cfg)
-        if cfg.model == "tiny" and (cfg.load_in_4bit or cfg.lora_rank):
-            raise ValueError("--load-in-4bit and --lora-rank apply to LLaDA; the tiny model trains every weight in "
-                             "float32 (for LoRA on it: bench/rl_variants.py lora)")
+        if cfg.model == "tiny" and (cfg.load_in_4bit or cfg.lora_rank or cfg.lora_alpha):
+            raise ValueError("--load-in-4bit, --lora-rank and --lora-alpha apply to LLaDA; the tiny model trains "
+                             "every weight in float32 (for LoRA on it: bench/rl_variants.py lora)")
     except ValueError as err:                         # a usage error, not a traceback; wrappers have their own usage
         p.exit(2, f"{p.prog}: error: {err}\n")
     return cfg

@@ -31,8 +31,8 @@ on this 2-core machine, 1 thread, nothing else running: `--configs mix,d1 --seed
 --eval-every 5` took 68-71 s per run on both tasks, i.e. 4.6-5.1 s per step (mix and d1 alike) and ~7 s per
 evaluation of 256 problems. A 150-step run with 7 evaluations: ~13 min; all 42: **about 9.5 hours**, plus the
 two warm starts (~1.5 min each; the Sudoku one is shared with the main job's cache). On busy cores a step took
-up to 1.5x longer (README, main job), so plan for 10-14 hours. Measured with `--max-steps 20 --eval-every 10`
-(README): 42 runs of 109-242 s, about 1.8 hours of run time for both tasks.
+up to 1.5x longer (docs/results.md), so plan for 10-14 hours. Measured with `--max-steps 20 --eval-every 10`
+(docs/results.md): 42 runs of 109-242 s, about 1.8 hours of run time for both tasks.
 
 Run:  OMP_NUM_THREADS=1 python bench/ablation.py                 # the full ablation (hours), resumable
       OMP_NUM_THREADS=1 python bench/ablation.py --quick         # every config, 1 seed, 1 step, small eval (~1 min)

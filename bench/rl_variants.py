@@ -1,4 +1,4 @@
-"""Three changes to the tiny Sudoku RL run that were tried for the main job's bar and did not help (README, "Results").
+"""Three changes to the tiny Sudoku RL run that were tried for the main job's bar and did not help (docs/results.md).
 
 Each is one `spg_min.train` run of the tiny model whose warm start is built (or loaded from its cache) exactly as
 the main job's; the change applies to RL only:
@@ -7,7 +7,7 @@ lora                LoRA adapters (peft, rank --rank, alpha --alpha, no dropout,
                     injected into the warm-started model, whose own weights are then frozen: the paper trains LLaDA
                     through LoRA, and a low-rank update has fewer directions for the noise to take.
 frozen-embeddings   the token embeddings and the output head are frozen after the warm start: the collapsed runs
-                    broke the rows of rarely sampled tokens (README, "What limits RL here").
+                    broke the rows of rarely sampled tokens (docs/results.md, "What limits RL here").
 few-empties         RL's training puzzles are drawn with the clue counts in --clues (e.g. 12,13: 3 or 4 empty
                     cells), so that a sequence's advantage credits few cells; the warm start and the held-out set
                     keep the published clue counts.
@@ -21,6 +21,7 @@ Run: OMP_NUM_THREADS=1 python bench/rl_variants.py lora --rank 16 --alpha 32 --o
      OMP_NUM_THREADS=1 python bench/rl_variants.py few-empties --clues 12,13 --out /tmp/rv_few -- --max-steps 75
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -116,6 +117,7 @@ def main(argv=None):
     """One run of the chosen variant. It patches spg_min and tasks for the rest of the process: one run per process."""
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     if args.variant == "lora":
+        cfg = dataclasses.replace(cfg, lora_rank=args.rank, lora_alpha=args.alpha)   # summary.json records them
         S.sft_warm_start = after_warm_start(
             lambda m: print(f"lora: {inject_lora(m, args.rank, args.alpha):,} trainable weights", flush=True))
     elif args.variant == "frozen-embeddings":

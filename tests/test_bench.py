@@ -407,6 +407,8 @@ def test_rl_variants_quick(tmp_path, variant):
     assert not torch.equal(warm["model.embed_tokens.weight"], net.get_input_embeddings().weight)   # trained
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["variant"] == variant and result["after"]["n"] == 8
+    recorded = json.loads((tmp_path / "run" / "summary.json").read_text())["config"]
+    assert (recorded["lora_rank"], recorded["lora_alpha"]) == {"lora": (16, 32), "frozen-embeddings": (0, 0)}[variant]
     refused = subprocess.run(script + ["--warm-start-steps", "0"], capture_output=True, text=True, timeout=120,
                              cwd=ROOT)
     assert refused.returncode == 2 and "--warm-start-steps 0" in refused.stderr

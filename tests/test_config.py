@@ -93,7 +93,8 @@ def test_presets_and_flag_precedence():
     (["--task", "sudoku", "--est", "mix"], "unrecognized arguments: --est mix"),   # no prefix matching
     (["--task", "sudoku", "--model", "tiny", "--block-length", "3", "--steps", "8"],   # 8 blocks; eval's 12 steps
      "gen_length / 2 = 12 steps, which must be a positive multiple of the number of blocks (8)"),
-    (["--task", "sudoku", "--model", "tiny", "--lora-rank", "8"], "--load-in-4bit and --lora-rank apply to LLaDA"),
+    (["--task", "sudoku", "--model", "tiny", "--lora-rank", "8"], "--lora-rank and --lora-alpha apply to LLaDA"),
+    (["--task", "sudoku", "--model", "tiny", "--lora-alpha", "16"], "--lora-rank and --lora-alpha apply to LLaDA"),
     (["--task", "sudoku", "--model", "tiny", "--load-in-4bit", "true"], "the tiny model trains every weight"),
 ])
 def test_the_cli_refuses_bad_values_with_a_usage_error_naming_the_fix(argv, message, capsys):
