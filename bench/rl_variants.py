@@ -36,29 +36,30 @@ MIN_CLUES = 5    # some grids have only 12 such puzzles with 4 clues
 MAX_CLUES = 14   # every grid has only 16 with 15 clues (at least 120 with 14, at least 400 with 5)
 
 
-def after_warm_start(change):
-    """spg_min.sft_warm_start, then change(model) in place. train() looks sft_warm_start up in spg_min when it
-    runs and collects the parameters that still require grad right after it, so the change reaches RL only."""
+def after_warm_start(name: str, change):
+    """spg_min.sft_warm_start, then change(model) in place and a line with the weights left to train. train() looks
+    sft_warm_start up in spg_min when it runs and collects the parameters that still require grad right after it,
+    so the change reaches RL only."""
     warm_start = S.sft_warm_start
 
     def wrapped(model, *args, **kwargs):
         warm_start(model, *args, **kwargs)
         change(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{name}: {trainable:,} trainable weights", flush=True)
     return wrapped
 
 
 def inject_lora(model, rank: int, alpha: int):
     """LoRA on every linear layer but the head, in place (peft replaces the layers inside `model` and freezes the
-    rest; the PeftModel wrapper it returns is not needed); returns the number of trainable weights."""
+    rest; the PeftModel wrapper it returns is not needed)."""
     M.add_lora(model, r=rank, alpha=alpha, dropout=0.0, targets="all-linear")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def freeze_embeddings(model):
-    """Freeze the token embeddings and the output head, in place; returns the number of trainable weights."""
+    """Freeze the token embeddings and the output head, in place."""
     model.get_input_embeddings().requires_grad_(False)
     model.get_output_embeddings().requires_grad_(False)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def rl_clue_counts(clues: list[int]):
@@ -118,11 +119,9 @@ def main(argv=None):
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     if args.variant == "lora":
         cfg = dataclasses.replace(cfg, lora_rank=args.rank, lora_alpha=args.alpha)   # summary.json records them
-        S.sft_warm_start = after_warm_start(
-            lambda m: print(f"lora: {inject_lora(m, args.rank, args.alpha):,} trainable weights", flush=True))
+        S.sft_warm_start = after_warm_start("lora", lambda m: inject_lora(m, args.rank, args.alpha))
     elif args.variant == "frozen-embeddings":
-        S.sft_warm_start = after_warm_start(
-            lambda m: print(f"frozen embeddings: {freeze_embeddings(m):,} trainable weights", flush=True))
+        S.sft_warm_start = after_warm_start("frozen embeddings", freeze_embeddings)
     else:
         rl_clue_counts(args.clues)
     summary = S.train(cfg)
