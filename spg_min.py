@@ -679,7 +679,9 @@ def score_rewards(task, texts: list[str], examples: list[dict]):
 
 
 def evaluate(model, tok, task, examples, cfg: Config, *, style: str, mask_id: int, stop_ids, desc="eval"):
-    """Greedy held-out evaluation, the paper's protocol: T = 0, block bl, steps = Lg / 2. Returns (metrics, rows)."""
+    """Greedy evaluation of `examples` with the paper's decoding: T = 0, block bl, steps = Lg / 2. During training
+    these are cfg.eval_n held-out problems (a seeded subset where the set is larger, e.g. GSM8K's 1,319); eval.py
+    scores the full sets. Returns (metrics, rows)."""
     from tqdm import tqdm
     prefill = T.EVAL_PREFILL if style == "paper" else ""
     device = next(model.parameters()).device

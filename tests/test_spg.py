@@ -250,7 +250,11 @@ def test_masked_and_counted_positions_b17():
     logp = torch.tensor([[[-1.0, -2.0, -3.0, -100.0]]])
     counted = torch.tensor([[[True, True, True, True]]]) & torch.tensor([True, True, True, False])
     t = counted.sum(-1) / 3
-    assert S.elbo(logp, counted, t).item() == pytest.approx(-6.0)
+    elbo = S.elbo(logp, counted, t)
+    assert elbo.item() == pytest.approx(-6.0)                               # the sum over the 3 tokens, t = 1
+    # ... and the loss divides by the 3 completion tokens: the per-sequence value is their mean, -2
+    loss, _ = S.spg_loss(torch.ones(1), elbo, elbo, num_tokens=torch.tensor(3), estimator="mix", omega=0.5)
+    assert loss.item() == pytest.approx(2.0)
 
 
 class _PositionwiseStub(torch.nn.Module):
