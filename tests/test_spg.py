@@ -247,13 +247,16 @@ def test_random_masking_counts_and_post_eos():
 
 def test_masked_and_counted_positions_b17():
     # prompt 4, completion 4 with c = [1,1,1,0], all completion tokens masked: the ELBO uses 3 tokens only
+    eos = 6
+    c = S.completion_mask(torch.tensor([[5, 3, eos, 2]]), (eos,))          # [1, Lg]: the last token follows the EOS
+    assert c.tolist() == [[True, True, True, False]]
     logp = torch.tensor([[[-1.0, -2.0, -3.0, -100.0]]])
-    counted = torch.tensor([[[True, True, True, True]]]) & torch.tensor([True, True, True, False])
-    t = counted.sum(-1) / 3
+    counted = torch.ones(1, 1, 4, dtype=torch.bool) & c[:, None]           # [1, m, Lg]: masked and counted
+    t = counted.sum(-1) / c.sum(-1)
     elbo = S.elbo(logp, counted, t)
     assert elbo.item() == pytest.approx(-6.0)                               # the sum over the 3 tokens, t = 1
-    # ... and the loss divides by the 3 completion tokens: the per-sequence value is their mean, -2
-    loss, _ = S.spg_loss(torch.ones(1), elbo, elbo, num_tokens=torch.tensor(3), estimator="mix", omega=0.5)
+    # ... and the loss divides by the completion's 3 tokens (not 4): the per-sequence value is their mean, -2
+    loss, _ = S.spg_loss(torch.ones(1), elbo, elbo, num_tokens=c.sum(), estimator="mix", omega=0.5)
     assert loss.item() == pytest.approx(2.0)
 
 
