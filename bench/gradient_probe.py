@@ -15,7 +15,8 @@ through the same loss path (A = 1 for every row) with AdamW for --sft-steps step
 every 10 steps: does the block-masked ELBO, with or without prompt masking, teach the model what SFT teaches?
 
 Run: OMP_NUM_THREADS=1 python bench/gradient_probe.py [--p-mask-prompt 0.15] [--temperature 0.3] [--estimator elbo]
-     [--reward ones] [--num-mc 8] [--etas 0.05,0.1] | [--sft --lr 5e-5 --sft-steps 20]  (about 2 min per call)
+     [--reward ones] [--num-mc 8] [--unshared-masks] [--etas 0.05,0.1] | [--sft --lr 5e-5 --sft-steps 20]
+     (about 2 min per call)
 """
 import argparse
 import copy
@@ -37,6 +38,8 @@ def parse(argv=None):
     p.add_argument("--num-mc", type=int, default=2)
     p.add_argument("--estimator", default="mix", choices=sorted(S.NEG_BOUND))
     p.add_argument("--masking", default="block", choices=sorted(S.FORWARD_PROCESS))
+    p.add_argument("--unshared-masks", action="store_true",
+                   help="draw every completion's masks on its own instead of once per group (README deviation 6)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--num-batches", type=int, default=6)
     p.add_argument("--num-prompts", type=int, default=16)
@@ -131,7 +134,8 @@ def main(argv=None):
         adv = S.group_advantages(r, group_ids)
         masked, t = S.FORWARD_PROCESS[a.masking](c, P, m=a.num_mc, block_length=cfg.block_length,
                                                  p_mask_prompt=a.p_mask_prompt,
-                                                 generator=S.make_generator(PROBE_SEED, b, 2), group_ids=group_ids)
+                                                 generator=S.make_generator(PROBE_SEED, b, 2),
+                                                 group_ids=None if a.unshared_masks else group_ids)
         elbo_b, eubo_b = S.sequence_bounds(base, seqs, attn, c, masked, t, beta=cfg.beta, mask_id=mask_id)
         loss, _ = S.spg_loss(adv, elbo_b, eubo_b, num_tokens=c.sum(), estimator=a.estimator, omega=cfg.omega)
         base.zero_grad()

@@ -241,7 +241,7 @@ def test_ablation_bench_quick(tmp_path, monkeypatch):
     assert again.returncode == 0 and "seed 1 ->" not in again.stdout     # resumable: nothing is re-run
 
 
-@pytest.mark.parametrize("extra", [["--reward", "ones"], ["--sft"]])
+@pytest.mark.parametrize("extra", [["--reward", "ones"], ["--sft"], ["--unshared-masks"]])
 def test_gradient_probe_quick(tmp_path, extra):
     """bench/gradient_probe.py --quick runs to the end: the gradient consistency line and one step, or SFT."""
     cmd = [sys.executable, str(ROOT / "bench" / "gradient_probe.py"), "--quick", "--cache-dir", str(tmp_path), *extra]
