@@ -119,7 +119,7 @@ def main(argv=None):
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     if args.variant == "lora":
         cfg = dataclasses.replace(cfg, lora_rank=args.rank, lora_alpha=args.alpha)   # summary.json records them
-        S.sft_warm_start = after_warm_start("lora", lambda m: inject_lora(m, args.rank, args.alpha))
+        S.sft_warm_start = after_warm_start("lora", lambda m: inject_lora(m, cfg.lora_rank, cfg.lora_alpha))
     elif args.variant == "frozen-embeddings":
         S.sft_warm_start = after_warm_start("frozen embeddings", freeze_embeddings)
     else:

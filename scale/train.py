@@ -106,7 +106,7 @@ def main(argv=None):
     cfg = S.parse_config(rest)
     if cfg.estimator == "d1":
         raise SystemExit("scale/ runs SPG only: run the d1 baseline (--estimator d1) with spg_min.py")
-    four_bit = cfg.model != "tiny" and cfg.load_in_4bit
+    four_bit = cfg.load_in_4bit                       # parse_config refuses it with the tiny model
     shard = args.shard or ("ddp" if four_bit else "fsdp")
     if shard == "fsdp" and four_bit:
         raise SystemExit("--shard fsdp cannot shard a 4-bit (bitsandbytes NF4) base: use --shard ddp, "
