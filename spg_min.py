@@ -135,7 +135,7 @@ TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; docs/results.md say
     gen_length=24, block_length=8, steps=12, num_prompts=16, group_size=6, mu=2, micro_batch=96,
     temperature=1.0, lr=5e-5, weight_decay=0.0, grad_clip=1.0, max_steps=150, eval_every=25,
     eval_batch=256, warm_start_steps=200, max_prompt_length=64, save_every=25,
-    p_mask_prompt=0.0,  # the tiny prompt IS the puzzle: masking 15 % of its givens biases the gradient (docs/)
+    p_mask_prompt=0.0,  # the tiny prompt IS the puzzle: masking 15 % of its givens biases the gradient (docs/results.md)
     load_in_4bit=False, lora_rank=0, lora_alpha=0,  # every weight trains in float32: no 4-bit base, no LoRA
 )
 
