@@ -475,6 +475,15 @@ def _local(data_dir, rel_path):
     root = Path(data_dir) if data_dir is not None else DATA_DIR_DEFAULT
     return root / rel_path if root is not None and (root / rel_path).is_file() else None
 
+def _published_test_set(data_dir, rel_path):
+    """The published test file if present; else None, with a warning that a generated stand-in is used instead."""
+    path = _local(data_dir, rel_path)
+    if path is None:
+        warnings.warn(f"published test set {rel_path} not found under {data_dir or DATA_DIR_DEFAULT or '../shared/data'}"
+                      f"; generating a stand-in held-out set instead (pass --data-dir DIR or --eval-file FILE to use "
+                      "the published one)", stacklevel=3)
+    return path
+
 def _rows(data_dir, rel_path, hub, split):
     """Raw rows from the local file, else (no data dir at all) from the Hub."""
     if _local(data_dir, rel_path):
@@ -509,10 +518,10 @@ def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
         raw = _read_jsonl(eval_file) if eval_file else _rows(data_dir, "math/math500_test.jsonl", MATH_EVAL_HUB, "test")
         rows = [_math_row(r) for r in raw]
     elif name == "countdown":
-        path = eval_file or _local(data_dir, "countdown/countdown_cd3_test.jsonl")
+        path = eval_file or _published_test_set(data_dir, "countdown/countdown_cd3_test.jsonl")
         rows = [_countdown_row(r) for r in _read_jsonl(path)] if path else _countdown_generate(256, COUNTDOWN_EVAL_SEED)
     else:
-        path = eval_file or _local(data_dir, "sudoku/test_sudoku_split_new.csv")
+        path = eval_file or _published_test_set(data_dir, "sudoku/test_sudoku_split_new.csv")
         if path:
             rows = _read_sudoku_csv(path)
         else:  # like SPG's split: 2 puzzles per held-out grid + 1 more for 80 of them = 256

@@ -25,7 +25,8 @@ def test_eval_writes_generations_and_table(tmp_path):
            "--out", str(tmp_path / "ev")]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, capture_output=True)
     for length in (24, 16):
-        rows = [json.loads(line) for line in (tmp_path / "ev" / f"generations_sudoku_{length}.jsonl").open()]
+        text = (tmp_path / "ev" / f"generations_sudoku_{length}.jsonl").read_text()
+        rows = [json.loads(line) for line in text.splitlines()]
         assert len(rows) == 6 and all({"completion", "score", "answer", "example"} <= set(r) for r in rows)
         assert all(0.0 <= r["score"] <= 1.0 for r in rows)
         task = tasks.get_task("sudoku")   # the logged answer is what the score read; the problems are training's

@@ -80,8 +80,8 @@ def start(tmp, out, extra=(), **hooks):
     runner.write_text(RUNNER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in hooks.items()}}
     cmd = [sys.executable, str(runner), *ARGS, "--out", str(out), "--cache-dir", str(tmp / "cache"), *extra]
-    log = open(tmp / f"{out.name}.log", "a")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp / f"{out.name}.log", "a") as log:      # the child holds its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(proc, tmp, out, rc=0):
