@@ -480,7 +480,7 @@ def _published_test_set(data_dir, rel_path):
     path = _local(data_dir, rel_path)
     if path is None:
         warnings.warn(f"published test set {rel_path} not found under {data_dir or DATA_DIR_DEFAULT or '../shared/data'}"
-                      f"; generating a stand-in held-out set instead (pass --data-dir DIR or --eval-file FILE to use "
+                      "; generating a stand-in held-out set instead (pass --data-dir DIR or --eval-file FILE to use "
                       "the published one)", stacklevel=3)
     return path
 
