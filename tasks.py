@@ -479,9 +479,9 @@ def _published_test_set(data_dir, rel_path):
     """The published test file if present; else None, with a warning that a generated stand-in is used instead."""
     path = _local(data_dir, rel_path)
     if path is None:
-        warnings.warn(f"published test set {rel_path} not found under {data_dir or DATA_DIR_DEFAULT or '../shared/data'}"
-                      "; generating a stand-in held-out set instead (pass --data-dir DIR or --eval-file FILE to use "
-                      "the published one)", stacklevel=3)
+        where = data_dir or DATA_DIR_DEFAULT or "../shared/data"
+        warnings.warn(f"published test set {rel_path} not found under {where}; generating a stand-in held-out set "
+                      "instead (pass --data-dir DIR or --eval-file FILE to use the published one)", stacklevel=3)
     return path
 
 def _rows(data_dir, rel_path, hub, split):
