@@ -353,8 +353,12 @@ def test_countdown_published_problems():
 
 def test_countdown_generated_sets(monkeypatch):
     monkeypatch.setattr(tasks, "DATA_DIR_DEFAULT", None)
-    with pytest.warns(UserWarning, match="countdown_cd3_test.jsonl not found.*stand-in"):
-        evaluation, train = tasks.load_eval("countdown"), tasks.load_train("countdown")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train = tasks.load_train("countdown")        # excludes the stand-in held-out set without warning of it
+        evaluation = tasks.load_eval("countdown")    # the held-out set itself: one warning
+    assert len(caught) == 1 and re.search("countdown_cd3_test.jsonl not found.*stand-in", str(caught[0].message))
+    with pytest.warns(UserWarning, match="stand-in"):
         assert len(evaluation) == 256 and evaluation == tasks.load_eval("countdown")
     keys = {(tuple(sorted(e["nums"])), e["target"]) for e in train}
     assert len(keys) == len(train) and not keys & {(tuple(sorted(e["nums"])), e["target"]) for e in evaluation}
