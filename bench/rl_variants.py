@@ -1,4 +1,4 @@
-"""Three changes to the tiny Sudoku RL run that were tried for the main job's bar and did not help (docs/results.md).
+"""Four changes to the tiny Sudoku RL run that were tried for the main job's bar and did not help (docs/results.md).
 
 Each is one `spg_min.train` run of the tiny model whose warm start is built (or loaded from its cache) exactly as
 the main job's; the change applies to RL only:
@@ -11,6 +11,9 @@ frozen-embeddings   the token embeddings and the output head are frozen after th
 few-empties         RL's training puzzles are drawn with the clue counts in --clues (e.g. 12,13: 3 or 4 empty
                     cells), so that a sequence's advantage credits few cells; the warm start and the held-out set
                     keep the published clue counts.
+kl-anchor           SPG's loss plus --kl-beta x the k3 KL to the warm start (d1's penalty, which SPG does not have),
+                    on the completion tokens each masked copy hides, averaged over the m copies, divided by the
+                    rollout batch's completion tokens like the SPG loss: it holds the weights that the noise moves.
 
 Flags after `--` go to spg_min (learning rate, steps, seed, ...). A run starts fresh (`--resume none`); to continue
 an interrupted one, repeat its command with `-- ... --resume auto`.
@@ -19,12 +22,16 @@ Run: OMP_NUM_THREADS=1 python bench/rl_variants.py lora --rank 16 --alpha 32 --o
          --max-steps 75
      OMP_NUM_THREADS=1 python bench/rl_variants.py frozen-embeddings --out /tmp/rv_frozen -- --max-steps 75
      OMP_NUM_THREADS=1 python bench/rl_variants.py few-empties --clues 12,13 --out /tmp/rv_few -- --max-steps 75
+     OMP_NUM_THREADS=1 python bench/rl_variants.py kl-anchor --kl-beta 0.04 --out /tmp/rv_kl -- --lr 1e-4 \\
+         --max-steps 75
 """
 import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M      # noqa: E402
@@ -84,6 +91,36 @@ def rl_clue_counts(clues: list[int]):
     S.load_train_set, S.warm_start_setup = load_few_empties, warm_start_setup
 
 
+def kl_anchor(beta_kl: float):
+    """Patch spg_min so that each micro-batch's SPG loss gains beta_kl * sum_{j,k} counted_jk kl_jk / (m num_tokens),
+    kl_jk = exp(ref - logp) - (ref - logp) - 1 (d1_loss's k3 estimator) under masked copy j, ref the log-probs of a
+    frozen copy of the warm start under the same copy. Zero-advantage sequences, which train() skips, get none."""
+    state = {}
+    warm_start, spg_loss = S.sft_warm_start, S.spg_loss
+
+    def warm_start_then_reference(model, *args, **kwargs):
+        warm_start(model, *args, **kwargs)
+        state["ref"], _ = S.d1_reference(model)         # the tiny model's reference: a frozen deep copy
+
+    def bounds_and_kl(model, seqs, attention_mask, c, masked, t, *, beta, mask_id):
+        Lg, m = c.shape[1], masked.shape[1]
+        logp = S.masked_logprobs(model, seqs, attention_mask, masked, mask_id=mask_id, Lg=Lg)        # [b, m, Lg]
+        with torch.no_grad():
+            ref = S.masked_logprobs(state["ref"], seqs, attention_mask, masked, mask_id=mask_id, Lg=Lg)
+        counted = masked[..., -Lg:] & c[:, None]                                                    # [b, m, Lg]
+        log_ref_ratio = ref - logp
+        kl = torch.where(counted, torch.exp(log_ref_ratio) - log_ref_ratio - 1, 0.0)               # [b, m, Lg]
+        state["kl_sum"], state["kl_tokens"] = kl.sum() / m, counted.sum().clamp_min(1)
+        state["kl_mean"] = (kl.sum() / state["kl_tokens"]).item()
+        return S.elbo(logp, counted, t), S.eubo(logp, counted, t, beta, lengths=c.sum(-1))
+
+    def loss_with_kl(advantages, elbo_b, eubo_b, *, num_tokens, estimator="mix", omega=0.5):
+        loss, stats = spg_loss(advantages, elbo_b, eubo_b, num_tokens=num_tokens, estimator=estimator, omega=omega)
+        return loss + beta_kl * state["kl_sum"] / num_tokens, {**stats, "kl_anchor/kl": state["kl_mean"]}
+
+    S.sft_warm_start, S.sequence_bounds, S.spg_loss = warm_start_then_reference, bounds_and_kl, loss_with_kl
+
+
 def clue_counts(text: str) -> list[int]:
     """--clues: comma-separated clue counts from MIN_CLUES to MAX_CLUES; argparse reports anything else."""
     try:
@@ -100,12 +137,15 @@ def parse(argv):
     """(our args, spg_min's Config) from the command line; spg_min's flags come after `--`."""
     ours, theirs = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="spg_min flags go after `--`")
-    p.add_argument("variant", choices=["lora", "frozen-embeddings", "few-empties"])
+    p.add_argument("variant", choices=["lora", "frozen-embeddings", "few-empties", "kl-anchor"])
     p.add_argument("--out", required=True, help="the run's directory (must not hold a run)")
     p.add_argument("--rank", type=int, default=16, help="lora: adapter rank")
     p.add_argument("--alpha", type=int, default=32, help="lora: adapter alpha")
     p.add_argument("--clues", type=clue_counts, default=[12, 13], help="few-empties: clue counts of RL's puzzles")
+    p.add_argument("--kl-beta", type=float, default=0.04, help="kl-anchor: weight of the KL (d1's 0.04)")
     args = p.parse_args(ours)
+    if not args.kl_beta >= 0:
+        p.error(f"--kl-beta {args.kl_beta}: give a weight >= 0")
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", args.out, "--resume", "none", *theirs])
     if cfg.model != "tiny" or cfg.task != "sudoku":
         p.error("the variants are for the tiny Sudoku run; drop --model and --task")
@@ -122,6 +162,8 @@ def main(argv=None):
         S.sft_warm_start = after_warm_start("lora", lambda m: inject_lora(m, cfg.lora_rank, cfg.lora_alpha))
     elif args.variant == "frozen-embeddings":
         S.sft_warm_start = after_warm_start("frozen embeddings", freeze_embeddings)
+    elif args.variant == "kl-anchor":
+        kl_anchor(args.kl_beta)
     else:
         rl_clue_counts(args.clues)
     summary = S.train(cfg)

@@ -383,6 +383,53 @@ def test_rl_variants_few_empties_reach_rl_only(monkeypatch, tmp_path):
             RV.clue_counts(bad)
 
 
+def test_rl_variants_kl_anchor_adds_the_k3_kl(monkeypatch, tiny):
+    """bench/rl_variants.py kl-anchor: at the warm start the loss is SPG's exactly; after the weights move, the
+    patched loss is SPG's plus beta x the k3 KL to the warm start over the masked completion tokens, computed here
+    from the two models' log-probs, and its gradient is SPG's plus that term's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import rl_variants as RV
+    for name in ("sft_warm_start", "sequence_bounds", "spg_loss"):     # restored by monkeypatch after the test
+        monkeypatch.setattr(S, name, getattr(S, name))
+    plain_bounds, plain_loss = S.sequence_bounds, S.spg_loss
+    monkeypatch.setattr(S, "sft_warm_start", lambda model: None)     # the reference is taken right after it
+    _, tok, mask_id, _, _ = tiny
+    net = M.tiny_model(len(tok), seed=1)
+    beta_kl, m, Lg = 0.5, 2, 8
+    RV.kl_anchor(beta_kl)
+    S.sft_warm_start(net)
+    gen = torch.Generator().manual_seed(3)
+    seqs = torch.randint(5, len(tok), (4, 6 + Lg), generator=gen)
+    attn, c = torch.ones_like(seqs), torch.ones(4, Lg, dtype=torch.bool)
+    c[1, 5:] = False
+    masked, t = S.block_forward_process(c, 6, m=m, block_length=4, p_mask_prompt=0.0, generator=gen)
+    adv, num_tokens = torch.tensor([0.5, -0.2, -0.3, 0.1]), c.sum()
+    kw = dict(beta=1.0, mask_id=mask_id)
+
+    def both(fn_bounds, fn_loss):
+        net.zero_grad()
+        loss, stats = fn_loss(adv, *fn_bounds(net, seqs, attn, c, masked, t, **kw), num_tokens=num_tokens)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()], stats
+
+    patched, plain = both(S.sequence_bounds, S.spg_loss), both(plain_bounds, plain_loss)
+    assert patched[0] == plain[0] and patched[2]["kl_anchor/kl"] == 0.0                  # the same weights: KL = 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(patched[1], plain[1]))
+    with torch.no_grad():
+        ref = S.masked_logprobs(M.tiny_model(len(tok), seed=1), seqs, attn, masked, mask_id=mask_id, Lg=Lg)
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    patched, plain = both(S.sequence_bounds, S.spg_loss), both(plain_bounds, plain_loss)
+    net.zero_grad()
+    d = ref - S.masked_logprobs(net, seqs, attn, masked, mask_id=mask_id, Lg=Lg)         # [4, m, Lg]
+    counted = masked[..., -Lg:] & c[:, None]
+    kl = ((torch.exp(d) - d - 1) * counted).sum() / (m * num_tokens)
+    kl.backward()
+    assert kl > 1e-4 and torch.isclose(patched[0], plain[0] + beta_kl * kl.detach(), rtol=1e-5)
+    assert all(torch.allclose(a, b + beta_kl * p.grad, atol=1e-6) for a, b, p in zip(patched[1], plain[1],
+                                                                                        net.parameters()))
+
+
 @pytest.mark.parametrize("variant", ["lora", "frozen-embeddings"])
 def test_rl_variants_quick(tmp_path, variant):
     """One RL step after a 3-step warm start: the trainable weights are the adapters (r x (in + out) per linear
