@@ -278,6 +278,7 @@ def _math_score(c, ex):
 
 COUNTDOWN_TRAIN_SIZE = 20_000  # generated training problems (RL consumes far fewer; data.md 1.4)
 COUNTDOWN_EVAL_SEED = 42  # for the stand-in eval set when the published file is absent
+COUNTDOWN_TEST = "countdown/countdown_cd3_test.jsonl"  # the published held-out set, under the data folder
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _SIGNS = {ast.USub: operator.neg, ast.UAdd: operator.pos}  # `-100 + 93 + 30`: the reference's eval accepts it
 _INLINE_EQUATION = re.compile(r"(?<![0-9+\-*/() ])([0-9+\-*/() ]+)=\s*-?[0-9]")  # `30 + 93 - 100 = 23` in a line
@@ -501,8 +502,12 @@ def load_train(name, data_dir=None, *, seed=0):
         raw = _rows(data_dir, "math/math12k_train_problem_answer.jsonl", MATH_TRAIN_HUB, "train")
         rows = [r for r in map(_math_row, raw) if r["answer"]]  # 2 rows of the 12k file have an empty answer
     elif name == "countdown":
-        with warnings.catch_warnings():  # only excluded here: load_eval warns of a stand-in when it is the eval set
-            warnings.simplefilter("ignore")
+        if _local(data_dir, COUNTDOWN_TEST) is None:
+            warnings.warn(f"{COUNTDOWN_TEST} not found: the generated Countdown training problems exclude only the "
+                          "generated stand-in held-out set, so they may overlap the published test set or an "
+                          "--eval-file (pass --data-dir DIR)", stacklevel=2)
+        with warnings.catch_warnings():  # said above; load_eval warns of the stand-in when it is the eval set
+            warnings.filterwarnings("ignore", message=re.escape(f"published test set {COUNTDOWN_TEST} not found"))
             held_out = load_eval("countdown", data_dir)
         rows = _countdown_generate(COUNTDOWN_TRAIN_SIZE, seed, exclude=held_out)
     else:
@@ -521,7 +526,7 @@ def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
         raw = _read_jsonl(eval_file) if eval_file else _rows(data_dir, "math/math500_test.jsonl", MATH_EVAL_HUB, "test")
         rows = [_math_row(r) for r in raw]
     elif name == "countdown":
-        path = eval_file or _published_test_set(data_dir, "countdown/countdown_cd3_test.jsonl")
+        path = eval_file or _published_test_set(data_dir, COUNTDOWN_TEST)
         rows = [_countdown_row(r) for r in _read_jsonl(path)] if path else _countdown_generate(256, COUNTDOWN_EVAL_SEED)
     else:
         path = eval_file or _published_test_set(data_dir, "sudoku/test_sudoku_split_new.csv")

@@ -94,13 +94,18 @@ def rl_clue_counts(clues: list[int]):
 def kl_anchor(beta_kl: float):
     """Patch spg_min so that each micro-batch's SPG loss gains beta_kl * sum_{j,k} counted_jk kl_jk / (m num_tokens),
     kl_jk = exp(ref - logp) - (ref - logp) - 1 (d1_loss's k3 estimator) under masked copy j, ref the log-probs of a
-    frozen copy of the warm start under the same copy. Zero-advantage sequences, which train() skips, get none."""
+    frozen copy of the warm start under the same copy. Zero-advantage sequences, which train() skips, get none
+    (d1 keeps them for its KL), so the weight is beta_kl times the fraction of completion tokens that train() scores.
+    The patches of the bounds and the loss start once the warm start is done: its own steps (sft_step) call
+    sequence_bounds too. train() calls sequence_bounds and then spg_loss for each micro-batch, which the state
+    shared between the two relies on."""
     state = {}
     warm_start, spg_loss = S.sft_warm_start, S.spg_loss
 
     def warm_start_then_reference(model, *args, **kwargs):
         warm_start(model, *args, **kwargs)
         state["ref"], _ = S.d1_reference(model)         # the tiny model's reference: a frozen deep copy
+        S.sequence_bounds, S.spg_loss = bounds_and_kl, loss_with_kl
 
     def bounds_and_kl(model, seqs, attention_mask, c, masked, t, *, beta, mask_id):
         Lg, m = c.shape[1], masked.shape[1]
@@ -110,15 +115,15 @@ def kl_anchor(beta_kl: float):
         counted = masked[..., -Lg:] & c[:, None]                                                    # [b, m, Lg]
         log_ref_ratio = ref - logp
         kl = torch.where(counted, torch.exp(log_ref_ratio) - log_ref_ratio - 1, 0.0)               # [b, m, Lg]
-        state["kl_sum"], state["kl_tokens"] = kl.sum() / m, counted.sum().clamp_min(1)
-        state["kl_mean"] = (kl.sum() / state["kl_tokens"]).item()
+        state["kl_sum"] = kl.sum() / m                    # over sequences, copies and tokens; mean over copies
+        state["kl_mean"] = (kl.sum() / counted.sum().clamp_min(1)).item()      # per counted token, for the log
         return S.elbo(logp, counted, t), S.eubo(logp, counted, t, beta, lengths=c.sum(-1))
 
     def loss_with_kl(advantages, elbo_b, eubo_b, *, num_tokens, estimator="mix", omega=0.5):
         loss, stats = spg_loss(advantages, elbo_b, eubo_b, num_tokens=num_tokens, estimator=estimator, omega=omega)
         return loss + beta_kl * state["kl_sum"] / num_tokens, {**stats, "kl_anchor/kl": state["kl_mean"]}
 
-    S.sft_warm_start, S.sequence_bounds, S.spg_loss = warm_start_then_reference, bounds_and_kl, loss_with_kl
+    S.sft_warm_start = warm_start_then_reference
 
 
 def clue_counts(text: str) -> list[int]:
@@ -147,6 +152,8 @@ def parse(argv):
     if not args.kl_beta >= 0:
         p.error(f"--kl-beta {args.kl_beta}: give a weight >= 0")
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", args.out, "--resume", "none", *theirs])
+    if args.variant == "kl-anchor" and cfg.estimator == "d1":
+        p.error("kl-anchor adds a KL to SPG's loss; d1 (--estimator d1) has its own (--d1-beta-kl)")
     if cfg.model != "tiny" or cfg.task != "sudoku":
         p.error("the variants are for the tiny Sudoku run; drop --model and --task")
     if not cfg.warm_start_steps:

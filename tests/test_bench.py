@@ -403,7 +403,7 @@ def test_rl_variants_kl_anchor_adds_the_k3_kl(monkeypatch, tiny):
     attn, c = torch.ones_like(seqs), torch.ones(4, Lg, dtype=torch.bool)
     c[1, 5:] = False
     masked, t = S.block_forward_process(c, 6, m=m, block_length=4, p_mask_prompt=0.0, generator=gen)
-    adv, num_tokens = torch.tensor([0.5, -0.2, -0.3, 0.1]), c.sum()
+    adv, num_tokens = torch.tensor([0.5, -0.2, -0.3, 0.1]), c.sum() + 9     # a micro-batch of a larger batch
     kw = dict(beta=1.0, mask_id=mask_id)
 
     def both(fn_bounds, fn_loss):
@@ -428,6 +428,30 @@ def test_rl_variants_kl_anchor_adds_the_k3_kl(monkeypatch, tiny):
     assert kl > 1e-4 and torch.isclose(patched[0], plain[0] + beta_kl * kl.detach(), rtol=1e-5)
     assert all(torch.allclose(a, b + beta_kl * p.grad, atol=1e-6) for a, b, p in zip(patched[1], plain[1],
                                                                                         net.parameters()))
+
+
+def test_rl_variants_kl_anchor_quick(tmp_path, monkeypatch, capsys):
+    """kl-anchor end to end from an uncached warm start (whose own steps call the bounds before any reference
+    exists): two RL steps of 2 inner updates log a finite KL > 0 (the weights have moved from the reference by the
+    last update); with --estimator d1, which has its own KL, it refuses to run. A 3-step warm start earns no
+    reward, so the in-process run swaps in one that differs between completions, as the ablation's quick test."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import rl_variants as RV
+    import tasks as T
+    for name in ("sft_warm_start", "sequence_bounds", "spg_loss"):     # restored by monkeypatch after the test
+        monkeypatch.setattr(S, name, getattr(S, name))
+    varied = lambda text, ex: (zlib.crc32(text.encode()) % 101) / 100
+    sudoku = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("varied", varied, 1.0),))
+    monkeypatch.setitem(T.TASKS, "sudoku", sudoku)
+    flags = ["kl-anchor", "--kl-beta", "0.5", "--out", str(tmp_path / "run"), "--", "--cache-dir", str(tmp_path),
+             "--max-steps", "2", "--num-prompts", "2", "--eval-n", "8", "--eval-every", "0", "--warm-start-steps", "3"]
+    RV.main(flags)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 and math.isfinite(r["loss"]) for r in rows)
+    assert all(math.isfinite(r["kl_anchor/kl"]) and r["kl_anchor/kl"] > 0 for r in rows)
+    with pytest.raises(SystemExit) as refused:
+        RV.parse(flags + ["--estimator", "d1"])
+    assert refused.value.code == 2 and "--d1-beta-kl" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variant", ["lora", "frozen-embeddings"])
