@@ -476,13 +476,17 @@ def _local(data_dir, rel_path):
     root = Path(data_dir) if data_dir is not None else DATA_DIR_DEFAULT
     return root / rel_path if root is not None and (root / rel_path).is_file() else None
 
+def _data_root(data_dir):
+    """The data folder as a message names it: --data-dir, else ../shared/data (found or not)."""
+    return data_dir or DATA_DIR_DEFAULT or "../shared/data"
+
 def _published_test_set(data_dir, rel_path):
     """The published test file if present; else None, with a warning that a generated stand-in is used instead."""
     path = _local(data_dir, rel_path)
     if path is None:
-        where = data_dir or DATA_DIR_DEFAULT or "../shared/data"
-        warnings.warn(f"published test set {rel_path} not found under {where}; generating a stand-in held-out set "
-                      "instead (pass --data-dir DIR or --eval-file FILE to use the published one)", stacklevel=3)
+        warnings.warn(f"published test set {rel_path} not found under {_data_root(data_dir)}; generating a stand-in "
+                      "held-out set instead (pass --data-dir DIR or --eval-file FILE to use the published one)",
+                      stacklevel=3)
     return path
 
 def _rows(data_dir, rel_path, hub, split):
@@ -503,9 +507,9 @@ def load_train(name, data_dir=None, *, seed=0):
         rows = [r for r in map(_math_row, raw) if r["answer"]]  # 2 rows of the 12k file have an empty answer
     elif name == "countdown":
         if _local(data_dir, COUNTDOWN_TEST) is None:
-            warnings.warn(f"{COUNTDOWN_TEST} not found: the generated Countdown training problems exclude only the "
-                          "generated stand-in held-out set, so they may overlap the published test set or an "
-                          "--eval-file (pass --data-dir DIR)", stacklevel=2)
+            warnings.warn(f"{COUNTDOWN_TEST} not found under {_data_root(data_dir)}: the generated Countdown "
+                          "training problems exclude only the generated stand-in held-out set, so they may overlap "
+                          "the published test set or an --eval-file (pass --data-dir DIR)", stacklevel=2)
         with warnings.catch_warnings():  # said above; load_eval warns of the stand-in when it is the eval set
             warnings.filterwarnings("ignore", message=re.escape(f"published test set {COUNTDOWN_TEST} not found"))
             held_out = load_eval("countdown", data_dir)
