@@ -489,6 +489,10 @@ def _published_test_set(data_dir, rel_path):
                       stacklevel=3)
     return path
 
+def _countdown_held_out(path):
+    """Countdown's held-out problems: the file at path, else (None) the 256 generated stand-ins."""
+    return [_countdown_row(r) for r in _read_jsonl(path)] if path else _countdown_generate(256, COUNTDOWN_EVAL_SEED)
+
 def _rows(data_dir, rel_path, hub, split):
     """Raw rows from the local file, else (no data dir at all) from the Hub."""
     if _local(data_dir, rel_path):
@@ -506,14 +510,12 @@ def load_train(name, data_dir=None, *, seed=0):
         raw = _rows(data_dir, "math/math12k_train_problem_answer.jsonl", MATH_TRAIN_HUB, "train")
         rows = [r for r in map(_math_row, raw) if r["answer"]]  # 2 rows of the 12k file have an empty answer
     elif name == "countdown":
-        if _local(data_dir, COUNTDOWN_TEST) is None:
+        published = _local(data_dir, COUNTDOWN_TEST)
+        if published is None:
             warnings.warn(f"{COUNTDOWN_TEST} not found under {_data_root(data_dir)}: the generated Countdown "
                           "training problems exclude only the generated stand-in held-out set, so they may overlap "
                           "the published test set or an --eval-file (pass --data-dir DIR)", stacklevel=2)
-        with warnings.catch_warnings():  # said above; load_eval warns of the stand-in when it is the eval set
-            warnings.filterwarnings("ignore", message=re.escape(f"published test set {COUNTDOWN_TEST} not found"))
-            held_out = load_eval("countdown", data_dir)
-        rows = _countdown_generate(COUNTDOWN_TRAIN_SIZE, seed, exclude=held_out)
+        rows = _countdown_generate(COUNTDOWN_TRAIN_SIZE, seed, exclude=_countdown_held_out(published))
     else:
         train_ids = [k for k in range(len(SUDOKU_GRIDS)) if k not in SUDOKU_HELDOUT]
         rows = _sudoku_generate(train_ids, [SUDOKU_PER_GRID] * len(train_ids), random.Random(seed))
@@ -530,8 +532,7 @@ def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
         raw = _read_jsonl(eval_file) if eval_file else _rows(data_dir, "math/math500_test.jsonl", MATH_EVAL_HUB, "test")
         rows = [_math_row(r) for r in raw]
     elif name == "countdown":
-        path = eval_file or _published_test_set(data_dir, COUNTDOWN_TEST)
-        rows = [_countdown_row(r) for r in _read_jsonl(path)] if path else _countdown_generate(256, COUNTDOWN_EVAL_SEED)
+        rows = _countdown_held_out(eval_file or _published_test_set(data_dir, COUNTDOWN_TEST))
     else:
         path = eval_file or _published_test_set(data_dir, "sudoku/test_sudoku_split_new.csv")
         if path:
