@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -176,6 +177,8 @@ def validate(cfg: Config) -> None:
     need(cfg.temperature >= 0.0, f"temperature={cfg.temperature} must be >= 0")
     need(cfg.resume in ("auto", "none") or (Path(cfg.resume) / "state.pt").exists(),
          f"resume={cfg.resume!r}: pass auto, none, or a checkpoint directory holding state.pt")
+    need(cfg.eval_file is None or Path(cfg.eval_file).is_file(),
+         f"eval_file={cfg.eval_file!r} is not a file: pass --eval-file with an existing file (or leave it out)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -766,8 +769,10 @@ def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Pat
 
 
 def warm_start_path(cfg: Config) -> Path:
-    """Where the tiny model's warm start is cached: one file per task, generation length and budget."""
-    return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}.pt"
+    """Where the tiny model's warm start is cached: one file per task, generation length, budget and --eval-file
+    (its training set leaves that file's problems out; a short hash of the file's bytes names it)."""
+    held_out = f"_e{hashlib.sha1(Path(cfg.eval_file).read_bytes()).hexdigest()[:8]}" if cfg.eval_file else ""
+    return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}{held_out}.pt"
 
 
 def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
@@ -802,8 +807,9 @@ def load_tokenizer(cfg: Config):
 
 
 def load_train_set(cfg: Config, tok, style: str) -> list[dict]:
-    """The task's training examples whose prompt fits in cfg.max_prompt_length tokens (within_prompt_limit)."""
-    examples = T.load_train(cfg.task, cfg.data_dir, seed=cfg.seed)
+    """The task's training examples (without the problems of cfg.eval_file) whose prompt fits in
+    cfg.max_prompt_length tokens (within_prompt_limit)."""
+    examples = T.load_train(cfg.task, cfg.data_dir, seed=cfg.seed, eval_file=cfg.eval_file)
     return within_prompt_limit(tok, examples, [T.build_prompt(cfg.task, ex, split="train", style=style)
                                                for ex in examples], cfg.max_prompt_length)
 

@@ -501,9 +501,22 @@ def _rows(data_dir, rel_path, hub, split):
         return _load_hub(*hub, split)
     raise FileNotFoundError(f"{rel_path} not found under {data_dir or DATA_DIR_DEFAULT}: lay it out like shared/data")
 
-def load_train(name, data_dir=None, *, seed=0):
-    """Training examples of task `name`, shuffled with `seed` (Countdown and Sudoku are generated locally)."""
+def held_out_key(name, example):
+    """What makes a training example the same problem as a held-out one: the question / problem text (whitespace
+    collapsed), Countdown's numbers and target, and Sudoku's solution grid (the split is by grid, so a training
+    puzzle of a held-out grid counts as held out)."""
+    if name in ("gsm8k", "math"):
+        return " ".join(example["question" if name == "gsm8k" else "problem"].split())
+    return (tuple(sorted(example["nums"])), example["target"]) if name == "countdown" else example["solution"]
+
+def load_train(name, data_dir=None, *, seed=0, eval_file=None):
+    """Training examples of task `name`, shuffled with `seed` (Countdown and Sudoku are generated locally).
+
+    The default splits share no problem (tests/test_tasks.py checks the real data). With `eval_file`, training
+    examples that are the same problem as one of its rows (held_out_key) are left out, with a warning that counts
+    them; Countdown generates around them instead, so its set keeps COUNTDOWN_TRAIN_SIZE problems."""
     get_task(name)
+    evaluation = load_eval(name, eval_file=eval_file) if eval_file else []
     if name == "gsm8k":
         rows = [_gsm8k_row(r) for r in _rows(data_dir, "gsm8k/train.jsonl", GSM8K_HUB, "train")]
     elif name == "math":
@@ -513,14 +526,20 @@ def load_train(name, data_dir=None, *, seed=0):
         published = _local(data_dir, COUNTDOWN_TEST)
         if published is None:
             warnings.warn(f"{COUNTDOWN_TEST} not found under {_data_root(data_dir)}: the generated Countdown "
-                          "training problems exclude only the generated stand-in held-out set, so they may overlap "
-                          "the published test set or an --eval-file (pass --data-dir DIR)", stacklevel=2)
-        rows = _countdown_generate(COUNTDOWN_TRAIN_SIZE, seed, exclude=_countdown_held_out(published))
+                          "training problems exclude only the generated stand-in held-out set (and an --eval-file), "
+                          "so they may overlap the published test set (pass --data-dir DIR)", stacklevel=2)
+        rows = _countdown_generate(COUNTDOWN_TRAIN_SIZE, seed, exclude=_countdown_held_out(published) + evaluation)
     else:
         train_ids = [k for k in range(len(SUDOKU_GRIDS)) if k not in SUDOKU_HELDOUT]
         rows = _sudoku_generate(train_ids, [SUDOKU_PER_GRID] * len(train_ids), random.Random(seed))
-    random.Random(seed).shuffle(rows)
-    return rows
+    held_out = {held_out_key(name, ex) for ex in evaluation}
+    kept = [ex for ex in rows if held_out_key(name, ex) not in held_out]
+    if len(kept) < len(rows):
+        same = {"gsm8k": "question", "math": "problem", "countdown": "numbers and target"}.get(name, "solution grid")
+        warnings.warn(f"{name}: left out {len(rows) - len(kept)} of {len(rows)} training examples with the same "
+                      f"{same} as a row of --eval-file {eval_file}", stacklevel=2)
+    random.Random(seed).shuffle(kept)
+    return kept
 
 def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
     """Evaluation examples of task `name` in file order; `n` draws a seeded random subset."""

@@ -36,6 +36,7 @@ def no_loading(monkeypatch):
     (dict(eval_n=-3), "eval_n"),
     (dict(eval_every=-1), "eval_every"),
     (dict(adam_eps=0.0), "adam_eps"),
+    (dict(eval_file="no/such/file.csv"), "eval_file"),
 ])
 def test_bad_setting_is_refused_first(tmp_path, no_loading, overrides, named):
     cfg = S.Config(task="sudoku", model="tiny", out=str(tmp_path), **overrides)

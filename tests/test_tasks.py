@@ -5,6 +5,7 @@ Tests on the real files need ../shared/data beside the checkout and skip with a 
 """
 import csv
 import itertools
+import json
 import re
 import sys
 import warnings
@@ -368,6 +369,48 @@ def test_countdown_generated_sets(monkeypatch):
         assert tasks.get_task("countdown").reward(tasks.target_completion("countdown", ex), ex) == 1.0
     assert tasks.build_prompt("countdown", EXAMPLES["countdown"], style="tiny") == "Countdown 30,100,93 -> 23"
     assert tasks.target_completion("countdown", EXAMPLES["countdown"]) == "<answer>\n93-(100-30)\n</answer>"
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["gsm8k", "math", "countdown", "sudoku"])
+def test_default_splits_share_no_problem(name):
+    """On the real files no training example is the same problem as a held-out one (Sudoku: no shared grid)."""
+    held_out = {tasks.held_out_key(name, ex) for ex in tasks.load_eval(name)}
+    assert len(held_out) == {"gsm8k": 1319, "math": 500, "countdown": 256, "sudoku": 88}[name]
+    assert not held_out & {tasks.held_out_key(name, ex) for ex in tasks.load_train(name)}
+
+
+@needs_data
+def test_eval_file_problems_are_left_out_of_training(tmp_path):
+    """An --eval-file's problems leave training: Sudoku drops every puzzle of its grids, GSM8K the same question
+    (whitespace aside), with a warning that counts them; Countdown generates around them and keeps its size."""
+    default = tasks.load_train("sudoku")
+    grids = [default[0]["solution"], next(ex["solution"] for ex in default if ex["solution"] != default[0]["solution"])]
+    dropped = [ex for ex in default if ex["solution"] in grids]
+    assert len(dropped) > 2                       # a grid gives several training puzzles
+    path = tmp_path / "s.csv"
+    path.write_text("Puzzle,Solution\n" + "".join(f"{default[0]['puzzle']},{g}\n" for g in grids))
+    with pytest.warns(UserWarning, match=f"left out {len(dropped)} of {len(default)} training examples"):
+        kept = tasks.load_train("sudoku", eval_file=path)
+    assert sorted(map(str, kept)) == sorted(str(ex) for ex in default if ex["solution"] not in grids)
+
+    questions = [ex["question"] for ex in tasks.load_train("gsm8k")[:2]]
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps({"question": "  " + q.replace(" ", "\n", 1), "answer": "#### 1"}) + "\n"
+                            for q in questions))
+    with pytest.warns(UserWarning, match="left out 2 of 7473"):
+        kept = tasks.load_train("gsm8k", eval_file=path)
+    assert len(kept) == 7471 and not set(questions) & {ex["question"] for ex in kept}
+
+    problems = tasks.load_train("countdown")[:3]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"nums": ex["nums"][::-1], "target": ex["target"]}) + "\n" for ex in problems))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # nothing to leave out: the generator never draws them
+        kept = tasks.load_train("countdown", eval_file=path)
+    assert len(kept) == tasks.COUNTDOWN_TRAIN_SIZE
+    assert not {tasks.held_out_key("countdown", ex) for ex in problems} & {tasks.held_out_key("countdown", ex)
+                                                                           for ex in kept}
 
 
 # ---------------------------------------------------------------------------------------------------------------

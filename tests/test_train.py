@@ -276,3 +276,20 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
     reloaded = M.tiny_model(len(tok), seed=1)                           # a different init, replaced by the cache
     S.sft_warm_start(reloaded, tok, cfgs[0], style=style, mask_id=ids["mask"], eos_id=ids["eos"], path=tmp_path / "a.pt")
     assert same(cached[0], reloaded) and f"warm start: loaded {tmp_path / 'a.pt'}" in capsys.readouterr().out
+
+
+def test_warm_start_cache_is_per_eval_file(tmp_path):
+    """An --eval-file's problems leave the warm start's training set, so its cache file is its own (named by the
+    file's bytes); without one the name is the plain one, and the warm start trains on no held-out grid."""
+    base = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path)])
+    assert S.warm_start_path(base).name == f"warm_sudoku_tiny_L{base.gen_length}_s{base.warm_start_steps}.pt"
+    files = [tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"]
+    for f, text in zip(files, ("x", "y", "x")):
+        f.write_text(text)
+    names = [S.warm_start_path(S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
+                                               "--eval-file", str(f)])).name for f in files]
+    assert names[0] != names[1] and names[0] == names[2] and S.warm_start_path(base).name not in names
+    tok, style, _ = S.load_tokenizer(base)
+    examples, _, _ = S.warm_start_setup(M.tiny_model(len(tok)), tok, base, style)
+    held_out = {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
+    assert len(examples) > 1000 and not held_out & {ex["solution"] for ex in examples}
