@@ -362,14 +362,15 @@ def countdown_solve(nums, target):
 
 def _countdown_generate(count, seed, exclude=()):
     """Problems of 3 numbers in [1, 100] with a target drawn from the reachable values in [1, 100] (data.md 1.4)."""
-    rng, seen, rows = random.Random(seed), {(tuple(sorted(e["nums"])), e["target"]) for e in exclude}, []
+    rng, seen, rows = random.Random(seed), {held_out_key("countdown", e) for e in exclude}, []
     while len(rows) < count:
         nums = [rng.randint(1, 100) for _ in range(3)]
         reach = {v: e for v, e in countdown_solutions(nums).items() if 1 <= v <= 100}
         target = rng.choice(sorted(reach)) if reach else None
-        if target is None or (tuple(sorted(nums)), target) in seen:
+        key = held_out_key("countdown", {"nums": nums, "target": target})
+        if target is None or key in seen:
             continue
-        seen.add((tuple(sorted(nums)), target))
+        seen.add(key)
         rows.append({"nums": nums, "target": target, "solution": reach[target]})
     return rows
 
