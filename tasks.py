@@ -502,10 +502,12 @@ def _rows(data_dir, rel_path, hub, split):
         return _load_hub(*hub, split)
     raise FileNotFoundError(f"{rel_path} not found under {data_dir or DATA_DIR_DEFAULT}: lay it out like shared/data")
 
+SAME_PROBLEM = {"gsm8k": "question", "math": "problem", "countdown": "numbers and target", "sudoku": "solution grid"}
+
 def held_out_key(name, example):
-    """What makes a training example the same problem as a held-out one: the question / problem text (whitespace
-    collapsed), Countdown's numbers and target, and Sudoku's solution grid (the split is by grid, so a training
-    puzzle of a held-out grid counts as held out)."""
+    """What makes a training example the same problem as a held-out one (SAME_PROBLEM): the question / problem
+    text (whitespace collapsed), Countdown's numbers and target, and Sudoku's solution grid (the split is by grid,
+    so a training puzzle of a held-out grid counts as held out)."""
     if name in ("gsm8k", "math"):
         return " ".join(example["question" if name == "gsm8k" else "problem"].split())
     return (tuple(sorted(example["nums"])), example["target"]) if name == "countdown" else example["solution"]
@@ -515,7 +517,8 @@ def load_train(name, data_dir=None, *, seed=0, eval_file=None):
 
     The default splits share no problem (tests/test_tasks.py checks the real data). With `eval_file`, training
     examples that are the same problem as one of its rows (held_out_key) are left out, with a warning that counts
-    them; Countdown generates around them instead, so its set keeps COUNTDOWN_TRAIN_SIZE problems."""
+    them; Countdown generates around them instead, so its set keeps COUNTDOWN_TRAIN_SIZE problems. Raises
+    ValueError when eval_file holds every training problem."""
     get_task(name)
     evaluation = load_eval(name, eval_file=eval_file) if eval_file else []
     if name == "gsm8k":
@@ -525,20 +528,22 @@ def load_train(name, data_dir=None, *, seed=0, eval_file=None):
         rows = [r for r in map(_math_row, raw) if r["answer"]]  # 2 rows of the 12k file have an empty answer
     elif name == "countdown":
         published = _local(data_dir, COUNTDOWN_TEST)
-        if published is None:
+        if published is None and eval_file is None:
             warnings.warn(f"{COUNTDOWN_TEST} not found under {_data_root(data_dir)}: the generated Countdown "
-                          "training problems exclude only the generated stand-in held-out set (and an --eval-file), "
-                          "so they may overlap the published test set (pass --data-dir DIR)", stacklevel=2)
+                          "training problems exclude only the generated stand-in held-out set, so they may overlap "
+                          "the published test set (pass --data-dir DIR)", stacklevel=2)
         rows = _countdown_generate(COUNTDOWN_TRAIN_SIZE, seed, exclude=_countdown_held_out(published) + evaluation)
     else:
         train_ids = [k for k in range(len(SUDOKU_GRIDS)) if k not in SUDOKU_HELDOUT]
         rows = _sudoku_generate(train_ids, [SUDOKU_PER_GRID] * len(train_ids), random.Random(seed))
     held_out = {held_out_key(name, ex) for ex in evaluation}
     kept = [ex for ex in rows if held_out_key(name, ex) not in held_out]
+    if not kept:
+        raise ValueError(f"--eval-file {eval_file} holds every {name} training problem ({SAME_PROBLEM[name]}): "
+                         "nothing is left to train on; pass an evaluation file that is not the training set")
     if len(kept) < len(rows):
-        same = {"gsm8k": "question", "math": "problem", "countdown": "numbers and target"}.get(name, "solution grid")
         warnings.warn(f"{name}: left out {len(rows) - len(kept)} of {len(rows)} training examples with the same "
-                      f"{same} as a row of --eval-file {eval_file}", stacklevel=2)
+                      f"{SAME_PROBLEM[name]} as a row of --eval-file {eval_file}", stacklevel=2)
     random.Random(seed).shuffle(kept)
     return kept
 

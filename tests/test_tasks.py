@@ -385,7 +385,8 @@ def test_eval_file_problems_are_left_out_of_training(tmp_path):
     """An --eval-file's problems leave training: Sudoku drops every puzzle of its grids, GSM8K the same question
     (whitespace aside), with a warning that counts them; Countdown generates around them and keeps its size."""
     default = tasks.load_train("sudoku")
-    grids = [default[0]["solution"], next(ex["solution"] for ex in default if ex["solution"] != default[0]["solution"])]
+    other = next(ex["solution"] for ex in default if ex["solution"] != default[0]["solution"])
+    grids = [default[0]["solution"], other]
     dropped = [ex for ex in default if ex["solution"] in grids]
     assert len(dropped) > 2                       # a grid gives several training puzzles
     path = tmp_path / "s.csv"
@@ -401,6 +402,8 @@ def test_eval_file_problems_are_left_out_of_training(tmp_path):
     with pytest.warns(UserWarning, match="left out 2 of 7473"):
         kept = tasks.load_train("gsm8k", eval_file=path)
     assert len(kept) == 7471 and not set(questions) & {ex["question"] for ex in kept}
+    with pytest.raises(ValueError, match="holds every gsm8k training problem"):
+        tasks.load_train("gsm8k", eval_file=DATA / "gsm8k" / "train.jsonl")
 
     problems = tasks.load_train("countdown")[:3]
     path = tmp_path / "c.jsonl"

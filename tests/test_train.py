@@ -280,7 +280,8 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
 
 def test_warm_start_cache_is_per_eval_file(tmp_path):
     """An --eval-file's problems leave the warm start's training set, so its cache file is its own (named by the
-    file's bytes); without one the name is the plain one, and the warm start trains on no held-out grid."""
+    file's bytes); without one the name is the plain one. The warm start trains on no held-out grid, and with the
+    eval file on none of its grids either."""
     base = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path)])
     assert S.warm_start_path(base).name == f"warm_sudoku_tiny_L{base.gen_length}_s{base.warm_start_steps}.pt"
     files = [tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"]
@@ -290,6 +291,12 @@ def test_warm_start_cache_is_per_eval_file(tmp_path):
                                                "--eval-file", str(f)])).name for f in files]
     assert names[0] != names[1] and names[0] == names[2] and S.warm_start_path(base).name not in names
     tok, style, _ = S.load_tokenizer(base)
-    examples, _, _ = S.warm_start_setup(M.tiny_model(len(tok)), tok, base, style)
-    held_out = {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
-    assert len(examples) > 1000 and not held_out & {ex["solution"] for ex in examples}
+    trained = {ex["solution"] for ex in S.warm_start_setup(M.tiny_model(len(tok)), tok, base, style)[0]}
+    assert len(trained) == 200 and not trained & {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
+    grids = sorted(trained)[:2]                                        # two training grids, as an --eval-file
+    files[0].write_text("Puzzle,Solution\n" + "".join(f"{g},{g}\n" for g in grids))
+    held = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
+                           "--eval-file", str(files[0])])
+    with pytest.warns(UserWarning, match="left out 100 of 10000"):
+        kept = {ex["solution"] for ex in S.warm_start_setup(M.tiny_model(len(tok)), tok, held, style)[0]}
+    assert kept == trained - set(grids)
