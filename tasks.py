@@ -500,7 +500,7 @@ def _rows(data_dir, rel_path, hub, split):
         return _read_jsonl(_local(data_dir, rel_path))
     if data_dir is None and DATA_DIR_DEFAULT is None:
         return _load_hub(*hub, split)
-    raise FileNotFoundError(f"{rel_path} not found under {data_dir or DATA_DIR_DEFAULT}: lay it out like shared/data")
+    raise FileNotFoundError(f"{rel_path} not found under {_data_root(data_dir)}: lay it out like shared/data")
 
 SAME_PROBLEM = {"gsm8k": "question", "math": "problem", "countdown": "numbers and target", "sudoku": "solution grid"}
 
