@@ -744,19 +744,21 @@ def warm_start_setup(model, tok, cfg: Config, style: str):
     return examples, opt, make_generator(0, WARM_START_SEED)
 
 
-def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Path):
-    """Masked-diffusion supervised warm start (the ELBO objective, Eq. 2, on task solutions), cached at path.
+def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Path | None = None) -> Path:
+    """Masked-diffusion supervised warm start (the ELBO objective, Eq. 2, on task solutions), cached at path
+    (default: warm_start_path of its training examples); returns the path.
 
     Completions are padded with EOS to Lg and every position is trained, as in LLaDA's SFT. The budget
     is deliberately short so that RL has room to improve the model (bench/warm_start_curve.py: how fast it moves).
     """
     from tqdm import tqdm
+    examples, opt, gen = warm_start_setup(model, tok, cfg, style)   # independent of the RL seed
+    path = path or warm_start_path(cfg, examples)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
         print(f"warm start: loaded {path}", flush=True)
-        return
+        return path
     print(f"warm start: {cfg.warm_start_steps} supervised steps, then cached at {path} for the next run", flush=True)
-    examples, opt, gen = warm_start_setup(model, tok, cfg, style)   # independent of the RL seed
     bar = tqdm(range(cfg.warm_start_steps), desc="warm start (SFT)", disable=None)
     for i in bar:
         loss = sft_step(model, opt, tok, examples, cfg.task, gen_length=cfg.gen_length, style=style, mask_id=mask_id,
@@ -766,13 +768,15 @@ def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
+    return path
 
 
-def warm_start_path(cfg: Config) -> Path:
-    """Where the tiny model's warm start is cached: one file per task, generation length, budget and --eval-file
-    (its training set leaves that file's problems out; a short hash of the file's bytes names it)."""
-    held_out = f"_e{hashlib.sha1(Path(cfg.eval_file).read_bytes()).hexdigest()[:8]}" if cfg.eval_file else ""
-    return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}{held_out}.pt"
+def warm_start_path(cfg: Config, examples: list[dict]) -> Path:
+    """Where the tiny model's warm start is cached: one file per task, generation length, budget and training set.
+    The set is named by a short hash of its examples, so that another --data-dir, --eval-file (whose problems
+    the set leaves out) or --max-prompt-length gets its own warm start, and one that changes nothing shares it."""
+    data = hashlib.sha1(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}_{data}.pt"
 
 
 def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
@@ -877,8 +881,7 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg, len(tok))
     device = next(model.parameters()).device
     if style == "tiny" and cfg.warm_start_steps:
-        sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
-                       path=warm_start_path(cfg))
+        sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])
     # d1's KL reference: the model as RL starts (the warm start; a resumed run's reference is the same)
     ref_model, ref_context = d1_reference(model) if cfg.estimator == "d1" else (None, None)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -60,7 +60,7 @@ def main(argv=None):
     eval_set = T.load_eval("sudoku", cfg.data_dir, n=cfg.eval_n, seed=cfg.seed)
     model = S.load_model(cfg, len(tok))
     if cfg.warm_start_steps:
-        S.sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"], path=S.warm_start_path(cfg))
+        S.sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=S.ADAM_BETAS, weight_decay=cfg.weight_decay)
     digit_ids = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
     evaluate = lambda: S.evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id, stop_ids=stop_ids)[0]

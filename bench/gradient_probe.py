@@ -77,7 +77,7 @@ def main(argv=None):
     if a.quick:
         cfg.warm_start_steps = 30
     S.sft_warm_start(base, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
-                     path=S.warm_start_path(cfg) if not a.quick else Path(a.cache_dir) / "probe_quick.pt")
+                     path=Path(a.cache_dir) / "probe_quick.pt" if a.quick else None)
     train_probe = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))]
     train_probe = train_probe[:a.eval_n]
 

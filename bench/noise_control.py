@@ -64,7 +64,7 @@ def run_shuffle(args, cfg):
 def run_perturb(args, cfg):
     tok, style, ids = S.load_tokenizer(cfg)
     model = S.load_model(cfg, len(tok))
-    S.sft_warm_start(model, tok, cfg, style=style, mask_id=ids["mask"], eos_id=ids["eos"], path=S.warm_start_path(cfg))
+    S.sft_warm_start(model, tok, cfg, style=style, mask_id=ids["mask"], eos_id=ids["eos"])
     task = T.get_task(cfg.task)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
     warm, gen = {k: v.clone() for k, v in model.state_dict().items()}, S.make_generator(cfg.seed, PERTURB_STREAM)

@@ -134,8 +134,7 @@ def main(argv=None):
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     if style == "tiny" and cfg.warm_start_steps:
         if rank == 0:
-            S.sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
-                             path=S.warm_start_path(cfg))
+            S.sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     model = shard_model(model, shard, device)

@@ -474,7 +474,8 @@ def test_rl_variants_quick(tmp_path, variant):
     assert f"{expected:,} trainable weights" in proc.stdout
     state = torch.load(tmp_path / "run" / "ckpt_000001" / "state.pt", weights_only=False)
     assert sum(v.numel() for v in state["model"].values()) == expected
-    warm = torch.load(tmp_path / "warm_sudoku_tiny_L24_s3.pt")
+    [cached] = tmp_path.glob("warm_sudoku_tiny_L24_s3_*.pt")
+    warm = torch.load(cached)
     assert warm.keys() == net.state_dict().keys()                                           # no adapters in it
     assert not torch.equal(warm["model.embed_tokens.weight"], net.get_input_embeddings().weight)   # trained
     result = json.loads(proc.stdout.splitlines()[-1])

@@ -2,8 +2,10 @@
 
 Run: python -m pytest -q tests/test_train.py
 """
+import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,25 +280,39 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
     assert same(cached[0], reloaded) and f"warm start: loaded {tmp_path / 'a.pt'}" in capsys.readouterr().out
 
 
-def test_warm_start_cache_is_per_eval_file(tmp_path):
-    """An --eval-file's problems leave the warm start's training set, so its cache file is its own (named by the
-    file's bytes); without one the name is the plain one. The warm start trains on no held-out grid, and with the
-    eval file on none of its grids either."""
-    base = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path)])
-    assert S.warm_start_path(base).name == f"warm_sudoku_tiny_L{base.gen_length}_s{base.warm_start_steps}.pt"
-    files = [tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"]
-    for f, text in zip(files, ("x", "y", "x")):
-        f.write_text(text)
-    names = [S.warm_start_path(S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
-                                               "--eval-file", str(f)])).name for f in files]
-    assert names[0] != names[1] and names[0] == names[2] and S.warm_start_path(base).name not in names
-    tok, style, _ = S.load_tokenizer(base)
-    trained = {ex["solution"] for ex in S.warm_start_setup(M.tiny_model(len(tok)), tok, base, style)[0]}
-    assert len(trained) == 200 and not trained & {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
-    grids = sorted(trained)[:2]                                        # two training grids, as an --eval-file
-    files[0].write_text("Puzzle,Solution\n" + "".join(f"{g},{g}\n" for g in grids))
-    held = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
-                           "--eval-file", str(files[0])])
+def test_warm_start_cache_is_per_training_set(tmp_path, capsys):
+    """The warm start's cache file is named by its training examples: an --eval-file of training grids (left out of
+    the set) gets its own file, the published test set as --eval-file (nothing left out) shares the default one,
+    and another --data-dir whose Countdown test file differs gets its own. The warm start trains on no held-out
+    grid, and with the eval file on none of its grids either."""
+    sudoku = lambda *flags: S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
+                                            "--cache-dir", str(tmp_path / "cache"), *flags])
+    base = sudoku()
+    tok, style, ids = S.load_tokenizer(base)
+    warm_set = lambda cfg: S.warm_start_setup(M.tiny_model(len(tok)), tok, cfg, style)[0]
+    trained = warm_set(base)
+    plain = S.warm_start_path(base, trained)
+    assert re.fullmatch(rf"warm_sudoku_tiny_L{base.gen_length}_s{base.warm_start_steps}_[0-9a-f]{{8}}\.pt", plain.name)
+    assert plain.parent == tmp_path / "cache" and S.warm_start_path(base, trained[::-1]) != plain
+    solutions = {ex["solution"] for ex in trained}
+    assert len(solutions) == 200 and not solutions & {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
+    published = sudoku("--eval-file", str(S.T.DATA_DIR_DEFAULT / "sudoku" / "test_sudoku_split_new.csv"))
+    assert S.warm_start_path(published, warm_set(published)) == plain
+    grids = sorted(solutions)[:2]                                      # two training grids, as an --eval-file
+    (tmp_path / "two.csv").write_text("Puzzle,Solution\n" + "".join(f"{g},{g}\n" for g in grids))
+    held = sudoku("--eval-file", str(tmp_path / "two.csv"))
     with pytest.warns(UserWarning, match="left out 100 of 10000"):
-        kept = {ex["solution"] for ex in S.warm_start_setup(M.tiny_model(len(tok)), tok, held, style)[0]}
-    assert kept == trained - set(grids)
+        kept = warm_set(held)
+    assert {ex["solution"] for ex in kept} == solutions - set(grids)
+    assert S.warm_start_path(held, kept) != plain
+    net = M.tiny_model(len(tok), seed=0)                               # sft_warm_start names its file the same way
+    with pytest.warns(UserWarning, match="left out 100"):
+        path = S.sft_warm_start(net, tok, dataclasses.replace(held, warm_start_steps=1), style=style,
+                                mask_id=ids["mask"], eos_id=ids["eos"])
+    assert path.exists() and path == S.warm_start_path(dataclasses.replace(held, warm_start_steps=1), kept)
+    countdown = lambda *flags: S.parse_config(["--task", "countdown", "--model", "tiny", "--out", str(tmp_path), *flags])
+    shared = countdown()
+    with pytest.warns(UserWarning, match="may overlap"):              # no published Countdown test file there
+        elsewhere = countdown("--data-dir", str(tmp_path))
+        other = S.warm_start_path(elsewhere, warm_set(elsewhere))
+    assert other != S.warm_start_path(shared, warm_set(shared))
