@@ -50,10 +50,11 @@ def after_warm_start(name: str, change):
     warm_start = S.sft_warm_start
 
     def wrapped(model, *args, **kwargs):
-        warm_start(model, *args, **kwargs)
+        path = warm_start(model, *args, **kwargs)
         change(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{name}: {trainable:,} trainable weights", flush=True)
+        return path
     return wrapped
 
 
@@ -103,9 +104,10 @@ def kl_anchor(beta_kl: float):
     warm_start, spg_loss = S.sft_warm_start, S.spg_loss
 
     def warm_start_then_reference(model, *args, **kwargs):
-        warm_start(model, *args, **kwargs)
+        path = warm_start(model, *args, **kwargs)
         state["ref"], _ = S.d1_reference(model)         # the tiny model's reference: a frozen deep copy
         S.sequence_bounds, S.spg_loss = bounds_and_kl, loss_with_kl
+        return path
 
     def bounds_and_kl(model, seqs, attention_mask, c, masked, t, *, beta, mask_id):
         Lg, m = c.shape[1], masked.shape[1]

@@ -280,39 +280,43 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
     assert same(cached[0], reloaded) and f"warm start: loaded {tmp_path / 'a.pt'}" in capsys.readouterr().out
 
 
-def test_warm_start_cache_is_per_training_set(tmp_path, capsys):
+def test_warm_start_cache_is_per_training_set(tmp_path):
     """The warm start's cache file is named by its training examples: an --eval-file of training grids (left out of
-    the set) gets its own file, the published test set as --eval-file (nothing left out) shares the default one,
-    and another --data-dir whose Countdown test file differs gets its own. The warm start trains on no held-out
-    grid, and with the eval file on none of its grids either."""
+    the set) gets its own file; one of held-out grids (nothing left out) and another RL seed share the default one;
+    --data-dir folders with other GSM8K training files get their own, with the same files the same one. The warm
+    start trains on no held-out grid, and with the eval file on none of its grids either."""
     sudoku = lambda *flags: S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
                                             "--cache-dir", str(tmp_path / "cache"), *flags])
     base = sudoku()
     tok, style, ids = S.load_tokenizer(base)
     warm_set = lambda cfg: S.warm_start_setup(M.tiny_model(len(tok)), tok, cfg, style)[0]
+    name = lambda cfg: S.warm_start_path(cfg, warm_set(cfg))
     trained = warm_set(base)
     plain = S.warm_start_path(base, trained)
     assert re.fullmatch(rf"warm_sudoku_tiny_L{base.gen_length}_s{base.warm_start_steps}_[0-9a-f]{{8}}\.pt", plain.name)
     assert plain.parent == tmp_path / "cache" and S.warm_start_path(base, trained[::-1]) != plain
     solutions = {ex["solution"] for ex in trained}
     assert len(solutions) == 200 and not solutions & {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
-    published = sudoku("--eval-file", str(S.T.DATA_DIR_DEFAULT / "sudoku" / "test_sudoku_split_new.csv"))
-    assert S.warm_start_path(published, warm_set(published)) == plain
+    def csv(path, grids):                                              # puzzle = solution: what the key reads
+        path.write_text("Puzzle,Solution\n" + "".join(f"{g},{g}\n" for g in grids))
+        return path
+    held_out_grids = [S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT[:2]]
+    assert name(sudoku("--eval-file", str(csv(tmp_path / "held_out.csv", held_out_grids)))) == plain
+    assert name(sudoku("--seed", "7")) == plain
     grids = sorted(solutions)[:2]                                      # two training grids, as an --eval-file
-    (tmp_path / "two.csv").write_text("Puzzle,Solution\n" + "".join(f"{g},{g}\n" for g in grids))
-    held = sudoku("--eval-file", str(tmp_path / "two.csv"))
+    held = sudoku("--eval-file", str(csv(tmp_path / "two.csv", grids)), "--warm-start-steps", "1")
     with pytest.warns(UserWarning, match="left out 100 of 10000"):
         kept = warm_set(held)
     assert {ex["solution"] for ex in kept} == solutions - set(grids)
-    assert S.warm_start_path(held, kept) != plain
+    assert S.warm_start_path(held, kept) != S.warm_start_path(held, trained)
     net = M.tiny_model(len(tok), seed=0)                               # sft_warm_start names its file the same way
     with pytest.warns(UserWarning, match="left out 100"):
-        path = S.sft_warm_start(net, tok, dataclasses.replace(held, warm_start_steps=1), style=style,
-                                mask_id=ids["mask"], eos_id=ids["eos"])
-    assert path.exists() and path == S.warm_start_path(dataclasses.replace(held, warm_start_steps=1), kept)
-    countdown = lambda *flags: S.parse_config(["--task", "countdown", "--model", "tiny", "--out", str(tmp_path), *flags])
-    shared = countdown()
-    with pytest.warns(UserWarning, match="may overlap"):              # no published Countdown test file there
-        elsewhere = countdown("--data-dir", str(tmp_path))
-        other = S.warm_start_path(elsewhere, warm_set(elsewhere))
-    assert other != S.warm_start_path(shared, warm_set(shared))
+        path = S.sft_warm_start(net, tok, held, style=style, mask_id=ids["mask"], eos_id=ids["eos"])
+    assert path.exists() and path == S.warm_start_path(held, kept)
+    rows = [{"question": f"What is {a} plus 1?", "answer": f"So {a + 1}.\n#### {a + 1}"} for a in range(4)]
+    for folder, kept_rows in (("a", rows), ("b", rows[:3]), ("c", rows)):
+        (tmp_path / folder / "gsm8k").mkdir(parents=True)
+        (tmp_path / folder / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept_rows))
+    gsm8k = [name(S.parse_config(["--task", "gsm8k", "--model", "tiny", "--out", str(tmp_path), "--data-dir",
+                                  str(tmp_path / folder)])) for folder in "abc"]
+    assert gsm8k[0] != gsm8k[1] and gsm8k[0] == gsm8k[2]
