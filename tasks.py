@@ -366,9 +366,11 @@ def _countdown_generate(count, seed, exclude=()):
     while len(rows) < count:
         nums = [rng.randint(1, 100) for _ in range(3)]
         reach = {v: e for v, e in countdown_solutions(nums).items() if 1 <= v <= 100}
-        target = rng.choice(sorted(reach)) if reach else None
+        if not reach:
+            continue
+        target = rng.choice(sorted(reach))
         key = held_out_key("countdown", {"nums": nums, "target": target})
-        if target is None or key in seen:
+        if key in seen:
             continue
         seen.add(key)
         rows.append({"nums": nums, "target": target, "solution": reach[target]})
