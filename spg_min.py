@@ -746,14 +746,14 @@ def warm_start_setup(model, tok, cfg: Config, style: str):
 
 def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Path | None = None) -> Path:
     """Masked-diffusion supervised warm start (the ELBO objective, Eq. 2, on task solutions), cached at path
-    (default: warm_start_path of its training examples); returns the path.
+    (default: warm_start_path, named by its recipe); returns the path.
 
     Completions are padded with EOS to Lg and every position is trained, as in LLaDA's SFT. The budget
     is deliberately short so that RL has room to improve the model (bench/warm_start_curve.py: how fast it moves).
     """
     from tqdm import tqdm
     examples, opt, gen = warm_start_setup(model, tok, cfg, style)   # independent of the RL seed
-    path = path or warm_start_path(cfg, examples)
+    path = path or warm_start_path(cfg, model, tok, examples, style)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
         print(f"warm start: loaded {path}", flush=True)
@@ -771,12 +771,25 @@ def sft_warm_start(model, tok, cfg: Config, *, style, mask_id, eos_id, path: Pat
     return path
 
 
-def warm_start_path(cfg: Config, examples: list[dict]) -> Path:
-    """Where the tiny model's warm start is cached: one file per task, generation length, budget and training set.
-    The set is named by a short hash of its examples, so that another --data-dir, --eval-file (whose problems
-    the set leaves out) or --max-prompt-length gets its own warm start, and one that changes nothing shares it."""
-    data = hashlib.sha1(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}_{data}.pt"
+def warm_start_path(cfg: Config, model, tok, examples: list[dict], style: str) -> Path:
+    """Where the tiny model's warm start is cached: one file per task, generation length, budget and recipe.
+
+    The recipe is named by a short hash of what the warm start is made from: the texts of its training examples
+    as the task writes them (prompt and target), the tokenizer's vocabulary and chat template, the model's
+    architecture and the optimizer and sampling constants (WARM_START_LR, _BATCH, _SEED, ADAM_BETAS). So another --data-dir, --eval-file (whose problems the set
+    leaves out) or --max-prompt-length, or an edit to a prompt or answer template, gets its own warm start, and a
+    change that alters none of these shares it. Edits to the training code itself (sft_step, model.tiny_model's
+    initialisation) are not seen: delete --cache-dir after them."""
+    architecture = {k: v for k, v in model.config.to_diff_dict().items() if k != "transformers_version"}
+    recipe = {
+        "texts": [[T.build_prompt(cfg.task, ex, split="train", style=style),
+                   T.target_completion(cfg.task, ex, style=style)] for ex in examples],
+        "tokenizer": [sorted(tok.get_vocab().items()), tok.chat_template],
+        "model": architecture,
+        "sft": [WARM_START_LR, WARM_START_BATCH, WARM_START_SEED, ADAM_BETAS],
+    }
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}_{digest}.pt"
 
 
 def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:

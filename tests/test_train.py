@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q tests/test_train.py
 """
+import copy
 import dataclasses
 import json
 import math
@@ -280,21 +281,34 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
     assert same(cached[0], reloaded) and f"warm start: loaded {tmp_path / 'a.pt'}" in capsys.readouterr().out
 
 
-def test_warm_start_cache_is_per_training_set(tmp_path):
-    """The warm start's cache file is named by its training examples: an --eval-file of training grids (left out of
-    the set) gets its own file; one of held-out grids (nothing left out) and another RL seed share the default one;
-    --data-dir folders with other GSM8K training files get their own, with the same files the same one. The warm
-    start trains on no held-out grid, and with the eval file on none of its grids either."""
+def test_warm_start_cache_is_per_training_set(tmp_path, monkeypatch):
+    """The warm start's cache file is named by its recipe: an --eval-file of training grids (left out of the set)
+    gets its own file; one of held-out grids (nothing left out) and another RL seed share the default one; --data-dir
+    folders with other GSM8K training files get their own, with the same files the same one; another answer
+    template, chat template or model size gets its own. The warm start trains on no held-out grid, and with the
+    eval file on none of its grids either."""
     sudoku = lambda *flags: S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
                                             "--cache-dir", str(tmp_path / "cache"), *flags])
     base = sudoku()
     tok, style, ids = S.load_tokenizer(base)
     warm_set = lambda cfg: S.warm_start_setup(M.tiny_model(len(tok)), tok, cfg, style)[0]
-    name = lambda cfg: S.warm_start_path(cfg, warm_set(cfg))
+    net = M.tiny_model(len(tok), seed=0)
+    path = lambda cfg, examples, model=net, tok=tok: S.warm_start_path(cfg, model, tok, examples, style)
+    name = lambda cfg: path(cfg, warm_set(cfg))
     trained = warm_set(base)
-    plain = S.warm_start_path(base, trained)
+    plain = path(base, trained)
     assert re.fullmatch(rf"warm_sudoku_tiny_L{base.gen_length}_s{base.warm_start_steps}_[0-9a-f]{{8}}\.pt", plain.name)
-    assert plain.parent == tmp_path / "cache" and S.warm_start_path(base, trained[::-1]) != plain
+    assert plain.parent == tmp_path / "cache" and path(base, trained[::-1]) != plain
+    assert path(base, trained, model=M.tiny_model(len(tok), hidden_size=64)) != plain  # another model size
+    other_chat = copy.deepcopy(tok)
+    other_chat.chat_template = tok.chat_template.replace("<|eot_id|>", "<|eot_id|>\n")
+    assert path(base, trained, tok=other_chat) != plain
+    with monkeypatch.context() as patch:                               # another answer template
+        patch.setattr(S.T, "target_completion", lambda task, ex, style: f"<answer>{ex['solution']}</answer>")
+        assert path(base, trained) != plain
+    with monkeypatch.context() as patch:                               # another prompt template
+        patch.setattr(S.T, "build_prompt", lambda task, ex, split, style: f"Solve: {ex['puzzle']}")
+        assert path(base, trained) != plain
     solutions = {ex["solution"] for ex in trained}
     assert len(solutions) == 200 and not solutions & {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
     def csv(path, grids):                                              # puzzle = solution: what the key reads
@@ -308,11 +322,10 @@ def test_warm_start_cache_is_per_training_set(tmp_path):
     with pytest.warns(UserWarning, match="left out 100 of 10000"):
         kept = warm_set(held)
     assert {ex["solution"] for ex in kept} == solutions - set(grids)
-    assert S.warm_start_path(held, kept) != S.warm_start_path(held, trained)
-    net = M.tiny_model(len(tok), seed=0)                               # sft_warm_start names its file the same way
-    with pytest.warns(UserWarning, match="left out 100"):
-        path = S.sft_warm_start(net, tok, held, style=style, mask_id=ids["mask"], eos_id=ids["eos"])
-    assert path.exists() and path == S.warm_start_path(held, kept)
+    assert path(held, kept) != path(held, trained)
+    with pytest.warns(UserWarning, match="left out 100"):              # sft_warm_start names its file the same way
+        built = S.sft_warm_start(net, tok, held, style=style, mask_id=ids["mask"], eos_id=ids["eos"])
+    assert built.exists() and built == path(held, kept)
     rows = [{"question": f"What is {a} plus 1?", "answer": f"So {a + 1}.\n#### {a + 1}"} for a in range(4)]
     for folder, kept_rows in (("a", rows), ("b", rows[:3]), ("c", rows)):
         (tmp_path / folder / "gsm8k").mkdir(parents=True)
