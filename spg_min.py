@@ -775,20 +775,22 @@ def warm_start_path(cfg: Config, model, tok, examples: list[dict], style: str) -
     """Where the tiny model's warm start is cached: one file per task, generation length, budget and recipe.
 
     The recipe is named by a short hash of what the warm start is made from: the texts of its training examples
-    as the task writes them (prompt and target), the tokenizer's vocabulary and chat template, the model's
-    architecture and the optimizer and sampling constants (WARM_START_LR, _BATCH, _SEED, ADAM_BETAS). So another --data-dir, --eval-file (whose problems the set
-    leaves out) or --max-prompt-length, or an edit to a prompt or answer template, gets its own warm start, and a
-    change that alters none of these shares it. Edits to the training code itself (sft_step, model.tiny_model's
-    initialisation) are not seen: delete --cache-dir after them."""
+    as the task writes them (prompt and target), the tokenizer (its full definition: vocabulary, normalisation,
+    pre-tokenisation, special tokens; its chat template and padding side), the model's architecture, and the
+    optimizer and sampling constants (WARM_START_LR, _BATCH, _SEED, ADAM_BETAS). So another --data-dir,
+    --eval-file (whose problems the set leaves out) or --max-prompt-length, or an edit to a prompt or answer
+    template, gets its own warm start, and a change that alters none of these shares it. Edits to the training
+    code itself (sft_step, model.tiny_model's initialisation or dtype) are not seen: delete --cache-dir after them.
+    """
     architecture = {k: v for k, v in model.config.to_diff_dict().items() if k != "transformers_version"}
     recipe = {
         "texts": [[T.build_prompt(cfg.task, ex, split="train", style=style),
                    T.target_completion(cfg.task, ex, style=style)] for ex in examples],
-        "tokenizer": [sorted(tok.get_vocab().items()), tok.chat_template],
+        "tokenizer": [tok.backend_tokenizer.to_str(), tok.chat_template, tok.padding_side, tok.bos_token],
         "model": architecture,
         "sft": [WARM_START_LR, WARM_START_BATCH, WARM_START_SEED, ADAM_BETAS],
     }
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     return Path(cfg.cache_dir) / f"warm_{cfg.task}_tiny_L{cfg.gen_length}_s{cfg.warm_start_steps}_{digest}.pt"
 
 

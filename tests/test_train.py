@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers.pre_tokenizers import Whitespace
 
 import model as M
 import spg_min as S
@@ -300,9 +302,19 @@ def test_warm_start_cache_is_per_training_set(tmp_path, monkeypatch):
     assert re.fullmatch(rf"warm_sudoku_tiny_L{base.gen_length}_s{base.warm_start_steps}_[0-9a-f]{{8}}\.pt", plain.name)
     assert plain.parent == tmp_path / "cache" and path(base, trained[::-1]) != plain
     assert path(base, trained, model=M.tiny_model(len(tok), hidden_size=64)) != plain  # another model size
-    other_chat = copy.deepcopy(tok)
+    other_chat, right_padded, whitespace = copy.deepcopy(tok), copy.deepcopy(tok), copy.deepcopy(tok)
     other_chat.chat_template = tok.chat_template.replace("<|eot_id|>", "<|eot_id|>\n")
-    assert path(base, trained, tok=other_chat) != plain
+    right_padded.padding_side = "right"
+    whitespace.backend_tokenizer.pre_tokenizer = Whitespace()                # other ids for the same texts
+    for other in (other_chat, right_padded, whitespace):
+        assert path(base, trained, tok=other) != plain
+    again = subprocess.run([sys.executable, "-c", (                    # another process, another hash seed
+        "import spg_min as S, model as M; cfg = S.parse_config(" + repr(["--task", "sudoku", "--model", "tiny",
+        "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) + "); tok, style, _ = S.load_tokenizer(cfg);"
+        " net = M.tiny_model(len(tok), seed=3); examples = S.warm_start_setup(net, tok, cfg, style)[0];"
+        " print(S.warm_start_path(cfg, net, tok, examples, style))")], cwd=ROOT, timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": "1234"}, capture_output=True, text=True, check=True)
+    assert again.stdout.strip() == str(plain)
     with monkeypatch.context() as patch:                               # another answer template
         patch.setattr(S.T, "target_completion", lambda task, ex, style: f"<answer>{ex['solution']}</answer>")
         assert path(base, trained) != plain
