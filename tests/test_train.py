@@ -3,7 +3,6 @@
 Run: python -m pytest -q tests/test_train.py
 """
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -286,9 +285,10 @@ def test_sft_step_loop_is_the_cached_warm_start(tmp_path, capsys):
 def test_warm_start_cache_is_per_training_set(tmp_path, monkeypatch):
     """The warm start's cache file is named by its recipe: an --eval-file of training grids (left out of the set)
     gets its own file; one of held-out grids (nothing left out) and another RL seed share the default one; --data-dir
-    folders with other GSM8K training files get their own, with the same files the same one; another answer
-    template, chat template or model size gets its own. The warm start trains on no held-out grid, and with the
-    eval file on none of its grids either."""
+    folders with other GSM8K training files get their own, with the same files the same one; another prompt or
+    answer template, chat template, padding side, pre-tokenizer or model size gets its own, and another process
+    (another hash seed) computes the same name. The warm start trains on no held-out grid, and with the eval file
+    on none of its grids either."""
     sudoku = lambda *flags: S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path),
                                             "--cache-dir", str(tmp_path / "cache"), *flags])
     base = sudoku()
