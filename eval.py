@@ -54,11 +54,14 @@ def main():
     p.add_argument("--eval-file", default=None)
     p.add_argument("--out", default="runs/eval")
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg0 = S.Config(task=args.task, model=args.model, eval_batch=args.batch, block_length=args.block_length)
     tok, style, ids = S.load_tokenizer(cfg0)
-    examples = T.load_eval(args.task, args.data_dir, eval_file=args.eval_file, n=args.n, seed=args.seed)
+    try:
+        examples = T.load_eval(args.task, args.data_dir, eval_file=args.eval_file, n=args.n, seed=args.seed)
+    except T.UsageError as err:                       # e.g. an --eval-file of another task's format
+        p.error(str(err))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     net = load_for_eval(args.model, args.adapter, len(tok))
     task, table = T.get_task(args.task), []
     for length in args.gen_lengths:

@@ -35,7 +35,7 @@ Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; s
   6. the g completions of a prompt share their mask draws (common random numbers): the tokens they share
      then get gradients that cancel in sum_j A_j grad bound_j (sum_j A_j = 0), which cuts the noise;
   7. groups with identical rewards have advantage exactly 0 and are skipped in the loss pass (same
-     gradient, less compute).
+     gradient, less compute), as is a completion whose reward is its group's mean up to rounding.
 
 Run:  python spg_min.py --task sudoku --model tiny        # CPU, small model, minutes
       python spg_min.py --task gsm8k                      # one GPU: LLaDA-8B-Instruct, 4-bit NF4 + LoRA
@@ -47,9 +47,11 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -69,6 +71,7 @@ WARM_START_BATCH = 64        # solutions per warm-start step
 WARM_START_SEED = 7          # the warm start's data and masks: make_generator(0, WARM_START_SEED), not the RL seed
 WARM_START_DATA_SEED = 42    # the training set the warm start draws from (Config's default seed), whatever the RL seed
 WARM_START_LOG_EVERY = 50    # a warm-start progress line every N steps (tqdm's bar is off when output is not a tty)
+ADVANTAGE_TIE = 1e-6         # |A| at or below this (x max(1, |r|)) is rounding: A = 0 exactly (field case B12)
 MAX_NONFINITE_IN_A_ROW = 10  # skipped steps in a row before the run aborts
 REPEAT_ALARM = 0.5           # warn when over half a batch's completions are one repeated token (field case B09)
 LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
@@ -98,7 +101,7 @@ class Config:
     d1_compat: bool = False             # GSM8K format rewards exactly as the reference's (single-line only, B01)
     # SPG objective
     estimator: str = "mix"              # bound for A <= 0: mix | eubo | elbo | zero; or d1 (the diffu-GRPO baseline)
-    beta: float = 1.5                   # Renyi order of the EUBO (Sudoku 1.0)
+    beta: float = 1.5                   # Renyi order of the EUBO (Sudoku 1.0, Countdown EUBO 2.0)
     omega: float = 0.5                  # mixture weight on the EUBO (Eq. 8)
     num_mc: int = 2                     # m masked samples per sequence
     p_mask_prompt: float = 0.15         # chance to mask each prompt / clean-block token
@@ -109,17 +112,17 @@ class Config:
     d1_epsilon: float = 0.5             # clip range of the importance ratio, [1 - eps, 1 + eps]
     d1_beta_kl: float = 0.04            # weight of the k3 KL penalty to the reference model
     # optimisation
-    lr: float = 3e-6
+    lr: float = 3e-6                    # AdamW learning rate
     adam_eps: float = 1e-8              # AdamW eps (torch's default; bench/noise_control.py tries 1e-4)
-    weight_decay: float = 0.1
-    grad_clip: float = 0.2
+    weight_decay: float = 0.1           # AdamW weight decay
+    grad_clip: float = 0.2              # largest gradient L2 norm of an optimizer step
     load_in_4bit: bool = True           # NF4 base + LoRA (LLaDA only; the tiny preset sets it and LoRA off)
-    lora_rank: int = 128
-    lora_alpha: int = 64
+    lora_rank: int = 128                # LoRA r (reference train.yaml)
+    lora_alpha: int = 64                # LoRA alpha (reference train.yaml)
     # evaluation and bookkeeping
     eval_every: int = 100               # greedy held-out evaluation every N steps (0: only before/after)
     eval_n: int = 256                   # held-out problems per evaluation
-    eval_batch: int = 8
+    eval_batch: int = 8                 # held-out problems decoded at once
     warm_start_steps: int = 0           # supervised masked-diffusion steps before RL (tiny model only)
     save_every: int = 100               # checkpoint every N steps (and at the end)
     resume: str = "auto"                # auto: newest checkpoint under --out | none: start fresh | a ckpt_* dir
@@ -142,6 +145,9 @@ TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; docs/results.md say
 
 ESTIMATOR_DEFAULTS = {  # d1 scores one fully masked copy of the completion (spg_spec.md (g)2)
     "d1": dict(num_mc=1, masking="d1"),
+}
+TASK_ESTIMATOR_DEFAULTS = {  # the paper's one (task, estimator) exception: App. G.2, Table 12
+    ("countdown", "eubo"): dict(beta=2.0),
 }
 
 
@@ -188,19 +194,19 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Te
     """A_j = r_j - mean of r over the completions of the same prompt (Eq. 4; no std division).
 
     rewards [B] float, group_ids [B] long (equal ids = same prompt; any order). Returns [B] float32.
-    Computed in float64, and exactly 0 for every member of a group whose rewards are all equal, so
-    that the ELBO/EUBO choice (A > 0) never depends on rounding (field case B12).
+    Computed in float64; a reward within ADVANTAGE_TIE x max(1, the group's largest |r|) of its group's mean
+    gets exactly 0, so the ELBO/EUBO choice (A > 0) never depends on rounding (field case B12): a group of
+    equal rewards, or the middle one of float32 [0.1, 0.2, 0.3] (mean 0.2 + 5e-9 in float64).
     """
     r = rewards.double()
     _, gid = torch.unique(group_ids, return_inverse=True)                           # [B] in 0..G-1
     n_groups = int(gid.max()) + 1
     total = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, gid, r)
     count = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, gid, torch.ones_like(r))
-    hi = torch.full((n_groups,), -math.inf, dtype=r.dtype).scatter_reduce(0, gid, r, "amax")
-    lo = torch.full((n_groups,), math.inf, dtype=r.dtype).scatter_reduce(0, gid, r, "amin")
+    scale = torch.ones(n_groups, dtype=r.dtype).scatter_reduce(0, gid, r.abs(), "amax")  # [G] max(1, |r|)
     adv = r - (total / count)[gid]
-    adv = torch.where((hi == lo)[gid], torch.zeros_like(adv), adv)
-    return adv.float()
+    tie = adv.abs() <= ADVANTAGE_TIE * scale[gid]                                    # [B] rounding, not signal
+    return torch.where(tie, torch.zeros_like(adv), adv).float()
 
 
 def is_stop_token(completion_ids: torch.Tensor, stop_ids) -> torch.Tensor:
@@ -644,8 +650,8 @@ def within_prompt_limit(tok, examples: list[dict], contents: list[str], limit: i
     lengths = [len(ids) for ids in tok(prompt_texts(tok, contents), add_special_tokens=False)["input_ids"]]
     kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
     if not kept:
-        raise ValueError(f"every training prompt is longer than max_prompt_length={limit} tokens "
-                         f"(shortest {min(lengths)}): raise --max-prompt-length")
+        raise T.UsageError(f"every training prompt is longer than max_prompt_length={limit} tokens "
+                            f"(shortest {min(lengths)}): raise --max-prompt-length")
     if len(kept) < len(examples):
         print(f"refused {len(examples) - len(kept)} of {len(examples)} training prompts longer than "
               f"max_prompt_length={limit} tokens")
@@ -820,8 +826,8 @@ def load_tokenizer(cfg: Config):
     tok = M.tiny_tokenizer() if cfg.model == "tiny" else M.load_tokenizer(cfg.model)
     ids = M.special_ids(tok)
     if ids["mask"] not in tok.all_special_ids:
-        raise ValueError(f"mask id {ids['mask']} is an ordinary text token of this tokenizer: the model would "
-                         "confuse text with masks; use a tokenizer with a special mask token")
+        raise T.UsageError(f"mask id {ids['mask']} is an ordinary text token of this tokenizer: the model would "
+                            "confuse text with masks; use a tokenizer with a special mask token")
     return tok, ("tiny" if cfg.model == "tiny" else "paper"), ids
 
 
@@ -841,17 +847,17 @@ def load_model(cfg: Config, vocab_size: int):
     return M.add_lora(net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
 
 
-def prepare_out(cfg: Config) -> Path:
-    """The run directory, created; ValueError naming the fix if it cannot be written or (--resume none) holds a run."""
+def check_out(cfg: Config) -> Path:
+    """The run directory, checked but not created (train creates it once data and model have loaded); UsageError
+    naming the fix if it cannot be written or (--resume none) holds a run."""
     out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"out={cfg.out} cannot be created ({err}): pass --out with a writable directory") from err
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"out={cfg.out} is not writable: pass --out with a writable directory")
+    nearest = next(p for p in (out, *out.absolute().parents) if p.exists())      # out itself, or what would hold it
+    if not nearest.is_dir():
+        raise T.UsageError(f"out={cfg.out} cannot be created ({nearest} is a file): pass --out with a directory")
+    if not os.access(nearest, os.W_OK):
+        raise T.UsageError(f"out={cfg.out} is not writable: pass --out with a writable directory")
     if cfg.resume == "none" and (out / "metrics.jsonl").exists():
-        raise ValueError(f"out={cfg.out} already holds a run: pass a new --out, or --resume auto to continue it")
+        raise T.UsageError(f"out={cfg.out} already holds a run: pass a new --out, or --resume auto to continue it")
     return out
 
 
@@ -887,13 +893,14 @@ def train(cfg: Config) -> dict:
     from tqdm import tqdm
     validate(cfg)                                   # every check comes before data and model loading
     torch.manual_seed(cfg.seed)                     # the global RNG (LoRA init and dropout) derives from the seed too
-    out = prepare_out(cfg)
+    out = check_out(cfg)
     tok, style, ids = load_tokenizer(cfg)
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     task = T.get_task(cfg.task, d1_compat=cfg.d1_compat)
     train_set = load_train_set(cfg, tok, style)
     eval_set = T.load_eval(cfg.task, cfg.data_dir, eval_file=cfg.eval_file, n=cfg.eval_n, seed=cfg.seed)
     model = load_model(cfg, len(tok))
+    out.mkdir(parents=True, exist_ok=True)          # only now: a run refused above leaves no empty --out behind
     device = next(model.parameters()).device
     if style == "tiny" and cfg.warm_start_steps:
         sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])
@@ -904,7 +911,8 @@ def train(cfg: Config) -> dict:
     ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
     start_step, summary = resume_run(ckpt, out, model, opt, cfg) if ckpt else (0, {"config": dataclasses.asdict(cfg)})
     if ckpt:
-        print(f"resumed from {ckpt} (step {start_step}); --resume none refuses to continue a run")
+        print(f"resumed from {ckpt} (step {start_step} of {cfg.max_steps}"
+              + ("; the run is complete: a larger --max-steps continues it)" if start_step >= cfg.max_steps else ")"))
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)
     if "eval_before" not in summary:
@@ -1019,25 +1027,36 @@ def train(cfg: Config) -> dict:
     return summary
 
 
+HELP_EPILOG = """the two runs (README):
+  python spg_min.py --task sudoku --model tiny --out runs/demo   # the main job: a small model on CPU
+  python spg_min.py --task gsm8k                                 # LLaDA-8B-Instruct, 4-bit with LoRA, one GPU
+The defaults shown are Config's: --task's TASK_DEFAULTS, then --model tiny's TINY_PRESET and --estimator d1's
+ESTIMATOR_DEFAULTS replace some of them, and a flag given here replaces all of those."""
+
+
 def parse_config(argv=None) -> Config:
     """CLI built from the Config dataclass; unknown flags, abbreviated flags and any value validate() refuses are
     usage errors (exit 2, the message names the fix).
 
-    Precedence: flag > estimator (ESTIMATOR_DEFAULTS) > preset > task > default."""
+    Precedence: flag > estimator (ESTIMATOR_DEFAULTS) > preset > task and estimator > task > default."""
     def boolean(text):                                # a typo is an error, not False
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise argparse.ArgumentTypeError(f"{text!r}: pass true or false")
         return text.lower() in ("1", "true", "yes")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)  # --est is not --estimator
+    comments = {m[1]: m[2] for m in re.finditer(r"^ +(\w+): [^#\n]*# *(.*)$", inspect.getsource(Config), re.M)}
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,  # --est is not --estimator
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP_EPILOG)
     for f in dataclasses.fields(Config):
         kind = {"bool": boolean, "int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        text = comments.get(f.name, "").replace("%", "%%")   # the field's comment in Config is its help
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                       help=f"default {f.default!r} (before task, preset and estimator defaults)")
+                       help=f"{text} [default {f.default!r}]")
     given = vars(p.parse_args(argv))
     task = given.get("task", Config.task)
     preset = TINY_PRESET if given.get("model") == "tiny" else {}
     estimator = ESTIMATOR_DEFAULTS.get(given.get("estimator"), {})
-    cfg = Config(**{**TASK_DEFAULTS.get(task, {}), **preset, **estimator, **given})
+    task_estimator = TASK_ESTIMATOR_DEFAULTS.get((task, given.get("estimator", Config.estimator)), {})
+    cfg = Config(**{**TASK_DEFAULTS.get(task, {}), **task_estimator, **preset, **estimator, **given})
     try:
         validate(cfg)
         if cfg.model == "tiny" and (cfg.load_in_4bit or cfg.lora_rank or cfg.lora_alpha):
@@ -1049,4 +1068,8 @@ def parse_config(argv=None) -> Config:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    try:
+        train(parse_config())
+    except T.UsageError as err:                       # bad input: the message, not a traceback
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -46,6 +46,11 @@ GSM8K_HUB = ("openai/gsm8k", "main")  # Hub (path, config) of each dataset d1/SP
 MATH_TRAIN_HUB, MATH_EVAL_HUB = ("ankner/math-500", None), ("HuggingFaceH4/MATH-500", None)
 EVAL_PREFILL = "<reasoning>"  # appended after the chat template at eval time (d1/SPG eval, add_reasoning=True)
 
+
+class UsageError(ValueError):
+    """Input the run cannot use (a file, a flag); the message names the fix. spg_min.py prints it without a
+    traceback and exits with 2, as argparse does for a bad flag."""
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts (data.md section 2, exact strings)
 
@@ -460,8 +465,17 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 def _read_sudoku_csv(path):
+    """Puzzle/Solution rows; ValueError naming the first row that is not a puzzle (16 digits 0-4, 0 = empty, at
+    least one empty) with its valid solution grid."""
     with open(path, newline="", encoding="utf-8") as f:  # csv keeps strings: leading zeros survive
-        return [{"puzzle": r["Puzzle"].strip(), "solution": r["Solution"].strip()} for r in csv.DictReader(f)]
+        rows = [{"puzzle": r["Puzzle"].strip(), "solution": r["Solution"].strip()} for r in csv.DictReader(f)]
+    grids = set(SUDOKU_GRIDS)
+    for line, r in enumerate(rows, start=2):             # line 1 is the header
+        p, sol = r["puzzle"], r["solution"]
+        if not (re.fullmatch("[0-4]{16}", p) and sol in grids and "0" in p
+                and all(d in ("0", s) for d, s in zip(p, sol))):
+            raise ValueError(f"line {line}: {p!r}, {sol!r} is not a puzzle with its solution grid")
+    return rows
 
 def _load_hub(path, config, split):
     """Rows of a Hugging Face dataset; fails within seconds with a clear message when the Hub is unreachable."""
@@ -541,7 +555,7 @@ def load_train(name, data_dir=None, *, seed=0, eval_file=None):
     held_out = {held_out_key(name, ex) for ex in evaluation}
     kept = [ex for ex in rows if held_out_key(name, ex) not in held_out]
     if not kept:
-        raise ValueError(f"--eval-file {eval_file} holds every {name} training problem ({SAME_PROBLEM[name]}): "
+        raise UsageError(f"--eval-file {eval_file} holds every {name} training problem ({SAME_PROBLEM[name]}): "
                          "nothing is left to train on; pass an evaluation file that is not the training set")
     if len(kept) < len(rows):
         warnings.warn(f"{name}: left out {len(rows) - len(kept)} of {len(rows)} training examples with the same "
@@ -549,9 +563,26 @@ def load_train(name, data_dir=None, *, seed=0, eval_file=None):
     random.Random(seed).shuffle(kept)
     return kept
 
+EVAL_FILE_FORMAT = {
+    "gsm8k": "JSON lines with question and answer (GSM8K's, ending in '#### <number>'), like shared/data/gsm8k",
+    "math": "JSON lines with problem and answer (or a solution holding \\boxed{}), like shared/data/math",
+    "countdown": "JSON lines with nums and target (or input '3,5,7' and output), like shared/data/countdown",
+    "sudoku": "a CSV with Puzzle and Solution columns of 16 digits (0 = empty), like shared/data/sudoku",
+}
+
 def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
-    """Evaluation examples of task `name` in file order; `n` draws a seeded random subset."""
+    """Evaluation examples of task `name` in file order; `n` draws a seeded random subset. UsageError naming
+    the format (EVAL_FILE_FORMAT) when eval_file cannot be read as the task's."""
     get_task(name)
+    if eval_file:
+        try:
+            return _load_eval(name, data_dir, eval_file=eval_file, n=n, seed=seed)
+        except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise UsageError(f"--eval-file {eval_file} is not a {name} file ({type(e).__name__}: {e}); "
+                             f"pass {EVAL_FILE_FORMAT[name]}") from e
+    return _load_eval(name, data_dir, n=n, seed=seed)
+
+def _load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
     if name == "gsm8k":
         raw = _read_jsonl(eval_file) if eval_file else _rows(data_dir, "gsm8k/test.jsonl", GSM8K_HUB, "test")
         rows = [_gsm8k_row(r) for r in raw]

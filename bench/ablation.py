@@ -10,7 +10,7 @@ problems), the same number of steps and the same seeds for every config:
     d1                         d1's diffu-GRPO baseline (`--estimator d1`: its own fully masked completion)
     eubo-random, mix-random    random masking instead of block-wise (Table 4)
 
-EUBO on Countdown uses beta 2.0, the paper's choice for that pair (App. G.2); everything else is the preset.
+EUBO on Countdown uses beta 2.0 (spg_min's default for that pair, App. G.2); everything else is the preset.
 Each run writes OUT/<task>/<config>/seed<k>/ (metrics.jsonl, summary.json, run_time.json). A run whose
 summary.json holds `eval_after` after --max-steps steps is done and skipped; an unfinished one, or one finished at
 fewer steps, continues from its newest checkpoint (spg_min's `--resume auto`), so the script can be stopped and
@@ -60,7 +60,6 @@ CONFIGS = {  # name: (spg_min flags, masking as shown in the table)
     "eubo-random": (["--estimator", "eubo", "--masking", "random"], "random"),
     "mix-random": (["--estimator", "mix", "--masking", "random"], "random"),
 }
-TASK_FLAGS = {("countdown", "eubo"): ["--beta", "2.0"], ("countdown", "eubo-random"): ["--beta", "2.0"]}
 # Paper accuracy (%) averaged over generation lengths 128/256/512, spg_spec.md (f). Table 3 (estimators),
 # Table 4 (masking: Countdown only), Table 1 (D1 and the LLaDA-8B-Instruct base the RL runs start from).
 PAPER = {
@@ -80,7 +79,7 @@ def run_dir(out: Path, task: str, config: str, seed: int) -> Path:
 
 def config_for(task: str, config: str, seed: int, args) -> S.Config:
     """The spg_min Config of one run: the tiny preset, the config's flags, the shared budget and seed."""
-    argv = ["--task", task, "--model", "tiny", *CONFIGS[config][0], *TASK_FLAGS.get((task, config), []),
+    argv = ["--task", task, "--model", "tiny", *CONFIGS[config][0],
             "--seed", str(seed), "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
             "--eval-n", str(args.eval_n), "--out", str(run_dir(args.out, task, config, seed)),
             "--cache-dir", str(args.cache_dir)]

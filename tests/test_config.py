@@ -3,10 +3,16 @@
 Run: python -m pytest -q tests/test_config.py
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import spg_min as S
+import tasks as T
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -81,6 +87,9 @@ def test_presets_and_flag_precedence():
     assert S.parse_config(["--task", "sudoku"]).max_prompt_length == 1500   # the 3-shot prompt fits
     cfg = S.parse_config(["--task", "gsm8k"])
     assert cfg.max_prompt_length == 512 and cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
+    assert S.parse_config(["--task", "countdown", "--estimator", "eubo"]).beta == 2.0   # App. G.2's exception
+    assert S.parse_config(["--task", "countdown"]).beta == 1.5                          # mix
+    assert S.parse_config(["--task", "countdown", "--estimator", "eubo", "--beta", "1"]).beta == 1.0
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--estimator", "d1"])
     assert (cfg.num_mc, cfg.masking) == (1, "d1")                           # ESTIMATOR_DEFAULTS
     with pytest.raises(ValueError, match="num_mc=1"):
@@ -126,6 +135,33 @@ def test_fresh_start_into_an_existing_run_is_refused(tmp_path, no_loading):
     with pytest.raises(ValueError, match="resume"):
         S.train(S.Config(task="sudoku", model="tiny", out=str(tmp_path), resume="none"))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'          # nothing lost
+
+
+def test_a_refused_run_leaves_no_output_directory(tmp_path):
+    out = tmp_path / "new" / "run"
+    gsm8k = T.DATA_DIR_DEFAULT / "gsm8k" / "test.jsonl"                        # not a Sudoku CSV
+    with pytest.raises(T.UsageError, match="is not a sudoku file"):
+        S.train(S.Config(task="sudoku", model="tiny", out=str(out), eval_file=str(gsm8k)))
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_script_prints_a_refused_run_as_one_line_with_exit_2(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = subprocess.run([sys.executable, str(ROOT / "spg_min.py"), "--task", "sudoku", "--model", "tiny",
+                           "--out", str(tmp_path), "--resume", "none"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"spg_min.py: error: out={tmp_path} already holds a run: pass a "
+                                                    "new --out, or --resume auto to continue it")
+
+
+def test_help_gives_each_flag_its_config_comment_and_the_two_runs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        S.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())                        # argparse wraps lines
+    assert exit_.value.code == 0
+    assert "--temperature TEMPERATURE rollout temperature (Sudoku 0.3) [default 0.9]" in text
+    assert "--lr LR AdamW learning rate [default 3e-06]" in text
+    assert "python spg_min.py --task sudoku --model tiny --out runs/demo" in text
 
 
 def test_bool_flags_refuse_typos():

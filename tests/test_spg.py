@@ -36,6 +36,15 @@ def test_zero_variance_groups_are_exactly_zero():       # B12
     assert adv[-1].item() == pytest.approx(0.525, abs=1e-6) and adv[-1] <= 0.6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_reward_at_its_group_mean_gets_exactly_zero(dtype):  # B12 in a mixed group
+    r = torch.tensor([0.1, 0.2, 0.3, 0.0, 1e-5], dtype=dtype)
+    assert r[:3].double().mean() != r[1].double()                 # the plain difference is rounding, not 0
+    adv = S.group_advantages(r, torch.tensor([0, 0, 0, 1, 1]))
+    assert adv[1].item() == 0.0 and adv[0].item() == pytest.approx(-0.1) and adv[2].item() == pytest.approx(0.1)
+    assert adv[3:].tolist() == pytest.approx([-5e-6, 5e-6], rel=1e-3)   # a real difference 10x the tie stays
+
+
 def test_nan_reward_treated_as_zero_and_counted():      # B13
     class Task:
         reward_funcs = (("r1", lambda t, ex: ex["r1"], 1.0), ("r2", lambda t, ex: ex["r2"], 1.0))

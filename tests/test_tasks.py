@@ -385,12 +385,12 @@ def test_eval_file_problems_are_left_out_of_training(tmp_path):
     """An --eval-file's problems leave training: Sudoku drops every puzzle of its grids, GSM8K the same question
     (whitespace aside), with a warning that counts them; Countdown generates around them and keeps its size."""
     default = tasks.load_train("sudoku")
-    other = next(ex["solution"] for ex in default if ex["solution"] != default[0]["solution"])
-    grids = [default[0]["solution"], other]
+    other = next(ex for ex in default if ex["solution"] != default[0]["solution"])
+    grids = [default[0]["solution"], other["solution"]]
     dropped = [ex for ex in default if ex["solution"] in grids]
     assert len(dropped) > 2                       # a grid gives several training puzzles
     path = tmp_path / "s.csv"
-    path.write_text("Puzzle,Solution\n" + "".join(f"{default[0]['puzzle']},{g}\n" for g in grids))
+    path.write_text("Puzzle,Solution\n" + "".join(f"{ex['puzzle']},{ex['solution']}\n" for ex in (default[0], other)))
     with pytest.warns(UserWarning, match=f"left out {len(dropped)} of {len(default)} training examples"):
         kept = tasks.load_train("sudoku", eval_file=path)
     assert sorted(map(str, kept)) == sorted(str(ex) for ex in default if ex["solution"] not in grids)
@@ -435,6 +435,27 @@ def test_api_and_prompts():
     assert "Using only the numbers [30, 100, 93]" in tasks.build_prompt("countdown", EXAMPLES["countdown"])
     assert tasks.target_completion("math", EXAMPLES["math"]) == "<answer>\n\\boxed{\\frac{1}{2}}\n</answer>"
     assert tasks.aggregate("gsm8k", [1.0, 0.0, 1.0, 1.0], [{}] * 4) == {"accuracy": 75.0, "n": 4}
+
+
+@pytest.mark.parametrize("name, wrong, named", [
+    ("sudoku", "gsm8k/test.jsonl", "Puzzle and Solution"),
+    ("countdown", "sudoku/test_sudoku_split_new.csv", "nums and target"),
+    ("gsm8k", "math/math500_test.jsonl", "question and answer"),
+    ("math", "gsm8k/test.jsonl", "problem and answer"),
+])
+def test_an_eval_file_of_another_format_is_refused_naming_the_format(name, wrong, named):
+    with pytest.raises(tasks.UsageError, match=f"--eval-file .* is not a {name} file .*pass .*{named}"):
+        tasks.load_eval(name, eval_file=DATA / wrong)
+
+
+@pytest.mark.parametrize("row", ["12,34", "0310200404001043,4312213434211244",   # too short; not a valid grid
+                                 "0310200404001043,1234341221434321",            # a valid grid the givens contradict
+                                 "4312213434211243,4312213434211243", "031020040400104a,4312213434211243"])
+def test_a_sudoku_csv_row_that_is_not_a_puzzle_is_refused_with_its_line(tmp_path, row):
+    path = tmp_path / "s.csv"
+    path.write_text("Puzzle,Solution\n0310200404001043,4312213434211243\n" + row + "\n")
+    with pytest.raises(tasks.UsageError, match="line 3: .* is not a puzzle with its solution grid"):
+        tasks.load_eval("sudoku", eval_file=path)
 
 
 def test_offline_without_data_dir_fails_fast_with_a_clear_message(monkeypatch, tmp_path):

@@ -323,8 +323,8 @@ def test_warm_start_cache_is_per_training_set(tmp_path, monkeypatch):
         assert path(base, trained) != plain
     solutions = {ex["solution"] for ex in trained}
     assert len(solutions) == 200 and not solutions & {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
-    def csv(path, grids):                                              # puzzle = solution: what the key reads
-        path.write_text("Puzzle,Solution\n" + "".join(f"{g},{g}\n" for g in grids))
+    def csv(path, grids):                                              # the key reads the solution grid
+        path.write_text("Puzzle,Solution\n" + "".join(f"0{g[1:]},{g}\n" for g in grids))
         return path
     held_out_grids = [S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT[:2]]
     assert name(sudoku("--eval-file", str(csv(tmp_path / "held_out.csv", held_out_grids)))) == plain
