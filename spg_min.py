@@ -851,9 +851,10 @@ def check_out(cfg: Config) -> Path:
     """The run directory, checked but not created (train creates it once data and model have loaded); UsageError
     naming the fix if it cannot be written or (--resume none) holds a run."""
     out = Path(cfg.out)
-    nearest = next(p for p in (out, *out.absolute().parents) if p.exists())      # out itself, or what would hold it
+    nearest = next(p for p in (out, *out.absolute().parents) if p.exists() or p.is_symlink())  # out, or its holder
     if not nearest.is_dir():
-        raise T.UsageError(f"out={cfg.out} cannot be created ({nearest} is a file): pass --out with a directory")
+        raise T.UsageError(f"out={cfg.out} cannot be created ({nearest} is a file or a broken link): pass --out "
+                           "with a directory")
     if not os.access(nearest, os.W_OK):
         raise T.UsageError(f"out={cfg.out} is not writable: pass --out with a writable directory")
     if cfg.resume == "none" and (out / "metrics.jsonl").exists():
@@ -1030,8 +1031,9 @@ def train(cfg: Config) -> dict:
 HELP_EPILOG = """the two runs (README):
   python spg_min.py --task sudoku --model tiny --out runs/demo   # the main job: a small model on CPU
   python spg_min.py --task gsm8k                                 # LLaDA-8B-Instruct, 4-bit with LoRA, one GPU
-The defaults shown are Config's: --task's TASK_DEFAULTS, then --model tiny's TINY_PRESET and --estimator d1's
-ESTIMATOR_DEFAULTS replace some of them, and a flag given here replaces all of those."""
+The defaults shown are Config's: --task's TASK_DEFAULTS (and TASK_ESTIMATOR_DEFAULTS: Countdown with the EUBO
+has beta 2.0), then --model tiny's TINY_PRESET and --estimator d1's ESTIMATOR_DEFAULTS replace some of them, and a
+flag given here replaces all of those."""
 
 
 def parse_config(argv=None) -> Config:
@@ -1043,7 +1045,11 @@ def parse_config(argv=None) -> Config:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise argparse.ArgumentTypeError(f"{text!r}: pass true or false")
         return text.lower() in ("1", "true", "yes")
-    comments = {m[1]: m[2] for m in re.finditer(r"^ +(\w+): [^#\n]*# *(.*)$", inspect.getsource(Config), re.M)}
+    try:
+        source = inspect.getsource(Config)
+    except OSError:                                   # no .py source (a .pyc-only install): help without comments
+        source = ""
+    comments = {m[1]: m[2] for m in re.finditer(r"^ +(\w+): [^#\n]*# *(.*)$", source, re.M)}
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,  # --est is not --estimator
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP_EPILOG)
     for f in dataclasses.fields(Config):

@@ -503,7 +503,7 @@ def _published_test_set(data_dir, rel_path):
     if path is None:
         warnings.warn(f"published test set {rel_path} not found under {_data_root(data_dir)}; generating a stand-in "
                       "held-out set instead (pass --data-dir DIR or --eval-file FILE to use the published one)",
-                      stacklevel=3)
+                      stacklevel=4)
     return path
 
 def _countdown_held_out(path):
@@ -576,13 +576,16 @@ def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
     get_task(name)
     if eval_file:
         try:
-            return _load_eval(name, data_dir, eval_file=eval_file, n=n, seed=seed)
+            rows = _eval_rows(name, data_dir, eval_file)
         except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise UsageError(f"--eval-file {eval_file} is not a {name} file ({type(e).__name__}: {e}); "
                              f"pass {EVAL_FILE_FORMAT[name]}") from e
-    return _load_eval(name, data_dir, n=n, seed=seed)
+    else:
+        rows = _eval_rows(name, data_dir, None)
+    return random.Random(seed).sample(rows, n) if n is not None and n < len(rows) else rows
 
-def _load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
+def _eval_rows(name, data_dir, eval_file):
+    """All evaluation examples of task `name`: eval_file's, else the published test set (or its stand-in)."""
     if name == "gsm8k":
         raw = _read_jsonl(eval_file) if eval_file else _rows(data_dir, "gsm8k/test.jsonl", GSM8K_HUB, "test")
         rows = [_gsm8k_row(r) for r in raw]
@@ -599,7 +602,7 @@ def _load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
             rng = random.Random(SUDOKU_EVAL_SEED)
             extra = set(rng.sample(SUDOKU_HELDOUT, 80))
             rows = _sudoku_generate(SUDOKU_HELDOUT, [2 + (g in extra) for g in SUDOKU_HELDOUT], rng)
-    return random.Random(seed).sample(rows, n) if n is not None and n < len(rows) else rows
+    return rows
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and target completions

@@ -64,6 +64,10 @@ def test_output_path_that_is_a_file(tmp_path, no_loading):
     target.write_text("x")
     with pytest.raises(ValueError, match="out"):
         S.train(S.Config(task="sudoku", model="tiny", out=str(target)))
+    (tmp_path / "link").symlink_to(tmp_path / "missing")                 # a broken link, refused before loading
+    for out in (tmp_path / "link", tmp_path / "link" / "run", target / "run"):
+        with pytest.raises(T.UsageError, match="is a file or a broken link"):
+            S.train(S.Config(task="sudoku", model="tiny", out=str(out)))
 
 
 def test_mask_id_used_for_text_is_refused(monkeypatch, no_loading, tmp_path):
