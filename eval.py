@@ -6,7 +6,8 @@
 --adapter is a checkpoint directory written by spg_min.py or scale/train.py (its trainable weights: the LoRA
 adapter, or all weights of the tiny model). LLaDA is evaluated as the paper does: a bf16 base (not 4-bit) plus
 the adapter. Writes every generation with its extracted answer and credit to OUT/generations_<task>_<L>.jsonl,
-and the accuracy table to OUT/results_<task>.md.
+and the accuracy table to OUT/results_<task>.md. The decoding protocol is the paper's; answers are read by tasks.py,
+whose parsing departs from the reference's where that loses answers (README "Deviations" 8).
 """
 import argparse
 import json
@@ -40,33 +41,44 @@ def load_for_eval(model_name: str, adapter: str | None, vocab_size: int):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--task", required=True, choices=["gsm8k", "math", "countdown", "sudoku"])
-    p.add_argument("--model", default="GSAI-ML/LLaDA-8B-Instruct")
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--gen-lengths", type=int, nargs="+", default=[128, 256, 512])
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model", default="GSAI-ML/LLaDA-8B-Instruct",
+                   help="hub id, local LLaDA dir, or tiny [%(default)s]")
+    p.add_argument("--adapter", default=None, help="a checkpoint directory (ckpt_*) of a run; without it, the base "
+                                                   "model as loaded (the tiny model: untrained)")
+    p.add_argument("--gen-lengths", type=int, nargs="+", default=[128, 256, 512],
+                   help="completion lengths, one evaluation each [128 256 512]")
+    p.add_argument("--block-length", type=int, default=32, help="[%(default)s]; the tiny model's runs use 8")
+    p.add_argument("--batch", type=int, default=8, help="problems decoded at once [%(default)s]")
     p.add_argument("--n", type=int, default=None, help="evaluate a random N of the problems (drawn with --seed)")
     p.add_argument("--seed", type=int, default=S.Config.seed,
                    help="draws the --n sample; the default is training's, so --n 256 scores its periodic-eval set")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--eval-file", default=None)
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--data-dir", default=None, help="local data laid out like ../shared/data")
+    p.add_argument("--eval-file", default=None, help="evaluate on this file instead of the published test set")
+    p.add_argument("--out", default="runs/eval", help="[%(default)s]")
     args = p.parse_args()
-    cfg0 = S.Config(task=args.task, model=args.model, eval_batch=args.batch, block_length=args.block_length)
-    tok, style, ids = S.load_tokenizer(cfg0)
-    try:
+    cfg0 = S.Config(task=args.task, model=args.model, eval_batch=args.batch, block_length=args.block_length,
+                    eval_file=args.eval_file)
+    configs = [S.Config(**{**vars(cfg0), "gen_length": length, "steps": length // 2}) for length in args.gen_lengths]
+    try:                                              # every check before the model loads and the first length runs
+        for cfg in configs:
+            S.validate(cfg)
+        if args.adapter and not (Path(args.adapter) / "state.pt").is_file():
+            raise ValueError(f"--adapter {args.adapter} holds no state.pt: pass a checkpoint directory of a run")
+        tok, style, ids = S.load_tokenizer(cfg0)
         examples = T.load_eval(args.task, args.data_dir, eval_file=args.eval_file, n=args.n, seed=args.seed)
-    except T.UsageError as err:                       # e.g. an --eval-file of another task's format
+        if args.model == "tiny" and not args.adapter:
+            print("eval.py: no --adapter: scoring the untrained tiny model (pass a run's ckpt_* directory)")
+        net = load_for_eval(args.model, args.adapter, len(tok))
+    except ValueError as err:                         # a usage error (T.UsageError is one), not a traceback
         p.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    net = load_for_eval(args.model, args.adapter, len(tok))
     task, table = T.get_task(args.task), []
-    for length in args.gen_lengths:
-        cfg = S.Config(**{**vars(cfg0), "gen_length": length, "steps": length // 2})
-        S.validate(cfg)
+    for cfg in configs:
+        length = cfg.gen_length
         metrics, rows = S.evaluate(net, tok, task, examples, cfg, style=style, mask_id=ids["mask"],
                                    stop_ids=(ids["eos"], ids["eot"]), desc=f"{args.task} L={length}")
         with open(out / f"generations_{args.task}_{length}.jsonl", "w") as f:

@@ -101,6 +101,8 @@ def load_tokenizer(name_or_path, *, revision=None):
     tok = PreTrainedTokenizerFast.from_pretrained(name_or_path, revision=revision)
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or EOS
+    if tok.mask_token is None and MASK in tok.get_vocab():  # LLaDA's tokenizer_config names no mask token
+        tok.mask_token = MASK                               # (its own code passes mask_id by hand)
     return tok
 
 
@@ -176,6 +178,16 @@ def load_llada(name_or_path, *, load_in_4bit=False, dtype=None, revision=None):
                     warnings.warn(f"bitsandbytes 0.50's CPU NF4 kernel dequantises in_features={m.in_features} "
                                   f"(not a multiple of {NF4_BLOCKSIZE}) inaccurately; CUDA is unaffected")
     return model.eval()
+
+
+def float32_head(model):
+    """Final norm and LM head in float32, the rest as loaded: logits and log-probs are then float32 on a bf16 base
+    too (bf16 logits are rounded to 1/8 at |logit| 16-32; spg_spec.md (h)11). RMSNorm's float32 weight times its
+    bf16 output gives the head a float32 input. A 4-bit base gets this from peft's prepare_model_for_kbit_training."""
+    decoder, head = decoder_and_head(model)
+    decoder.norm.float()
+    head.float()
+    return model
 
 
 def add_lora(model, *, r=128, alpha=64, dropout=0.05, targets=LORA_TARGETS_PAPER, gradient_checkpointing=False):

@@ -27,8 +27,8 @@ Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; s
      picked by `_step % mu`, and every global RNG reseeded inside the loss);
   2. the EUBO is computed in log space (logsumexp over samples), so p**beta never underflows to 0
      and silently drops tokens (field case B09);
-  3. log-probabilities in float32 from float32 logits, computed in chunks; rollouts under no_grad in eval
-     mode (no LoRA dropout while sampling);
+  3. log-probabilities in float32 from float32 logits (a float32 LM head on every path), computed in chunks;
+     rollouts under no_grad in eval mode (no LoRA dropout while sampling);
   4. the attention mask is honoured (left padding is invisible to the model), and sampling at T > 0 draws
      exactly from softmax(logits / T) (reference: bf16 Gumbel noise);
   5. block choice uniform over the blocks holding completion tokens (reference: randperm(K) % n_blocks);
@@ -52,6 +52,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -125,7 +126,7 @@ class Config:
     eval_batch: int = 8                 # held-out problems decoded at once
     warm_start_steps: int = 0           # supervised masked-diffusion steps before RL (tiny model only)
     save_every: int = 100               # checkpoint every N steps (and at the end)
-    resume: str = "auto"                # auto: newest checkpoint under --out | none: start fresh | a ckpt_* dir
+    resume: str = "auto"                # auto: newest checkpoint under --out | none: a new run only | a ckpt_* dir
     cache_dir: str = ".cache"           # warm-start checkpoints are cached here
 
 
@@ -157,6 +158,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ValueError(msg)
     need(cfg.task in T.TASKS, f"task={cfg.task!r}: choose from {', '.join(T.TASKS)}")
+    need(min(cfg.gen_length, cfg.block_length, cfg.steps, cfg.num_prompts, cfg.eval_batch) >= 1,
+         "gen_length, block_length, steps, num_prompts and eval_batch must be >= 1 (got "
+         f"{cfg.gen_length}, {cfg.block_length}, {cfg.steps}, {cfg.num_prompts}, {cfg.eval_batch})")
+    need(cfg.lr >= 0.0 and cfg.weight_decay >= 0.0 and cfg.grad_clip > 0.0,
+         f"lr={cfg.lr} and weight_decay={cfg.weight_decay} must be >= 0, grad_clip={cfg.grad_clip} > 0")
     need(cfg.gen_length % cfg.block_length == 0,
          f"gen_length={cfg.gen_length} must be a multiple of block_length={cfg.block_length}")
     blocks = cfg.gen_length // cfg.block_length
@@ -551,6 +557,7 @@ def block_hidden(model, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int, c
 
 
 KV_CACHES = (None, "prefix", "dual")   # generate(kv_cache=...): none, or Fast-dLLM's prefix or dual cache
+REMASKING = ("low_confidence", "random")   # generate(remasking=...): confidence order (LLaDA), or uniform scores
 
 
 @torch.no_grad()
@@ -564,7 +571,8 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
     untempered probability of the sampled token; remasking="random" uses uniform scores). T = 0 is
     argmax; T > 0 samples exactly from softmax(logits / T). Positions outside the current block (the
     prompt included, even a literal mask token in it, B26) are never changed. The mask token itself is
-    never proposed. Raises ValueError on a schedule that does not divide evenly (B21).
+    never proposed. Raises ValueError on a schedule that does not divide evenly (B21), and when sampling
+    (T > 0 or random remasking) has no generator.
 
     Two optional fast modes from Fast-dLLM (arXiv 2505.22618), both off by default:
       threshold: each step commits max(k, #masked positions of the block with confidence > threshold)
@@ -578,6 +586,11 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
     """
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache={kv_cache!r} is not one of {KV_CACHES}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking={remasking!r} is not one of {REMASKING}")
+    if generator is None and (temperature > 0 or remasking == "random"):
+        raise ValueError("sampling (temperature > 0 or remasking='random') draws from a generator: pass "
+                         "generator=make_generator(seed, ...)")
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, and "
                          f"steps={steps} a multiple of the number of blocks {gen_length // max(block_length, 1)}")
@@ -809,6 +822,8 @@ def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
                 "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
+    if final.exists():                                # a run resumed from an earlier checkpoint: its later ones go
+        shutil.rmtree(final)
     os.replace(tmp, final)
     return final
 
@@ -843,7 +858,7 @@ def load_model(cfg: Config, vocab_size: int):
     """The tiny CPU model, or a LLaDA checkpoint (4-bit NF4 base when cfg.load_in_4bit) with LoRA."""
     if cfg.model == "tiny":
         return M.tiny_model(vocab_size, seed=0)
-    net = M.load_llada(cfg.model, load_in_4bit=cfg.load_in_4bit)
+    net = M.float32_head(M.load_llada(cfg.model, load_in_4bit=cfg.load_in_4bit))   # float32 logits (deviation 3)
     return M.add_lora(net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
 
 
@@ -862,6 +877,11 @@ def check_out(cfg: Config) -> Path:
     return out
 
 
+def metrics_line(row: dict) -> str:
+    """One metrics.jsonl line in strict JSON: a non-finite number (a skipped step's loss) is written as null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}) + "\n"
+
+
 def cut_metrics(out: Path, step: int) -> list[str]:
     """Drop the metrics.jsonl rows logged after `step` (a resumed run logs them again); returns the rows kept."""
     path = out / "metrics.jsonl"
@@ -870,17 +890,37 @@ def cut_metrics(out: Path, step: int) -> list[str]:
     return kept
 
 
+def use_settings(opt, cfg: Config) -> None:
+    """A resumed optimizer takes this command's learning rate, Adam eps and weight decay, not its checkpoint's."""
+    for group in opt.param_groups:
+        group.update(lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+
 def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dict]:
-    """Load a checkpoint's weights, optimizer and RNG state; cut metrics.jsonl back to its step.
-    Returns (its step, the run's summary with this config)."""
+    """Load a checkpoint's weights, optimizer and RNG state; cut metrics.jsonl back to its step. The learning rate,
+    Adam eps and weight decay are cfg's (a changed setting is printed). A checkpoint of another run directory
+    branches it: its summary and its metrics up to the step are carried over. UsageError if it does not fit the
+    model. Returns (its step, the run's summary with this config)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state["model"]) != trainable:                   # strict=False below: the frozen weights are not saved
+        raise T.UsageError(f"{ckpt} does not fit this model ({len(set(state['model']) - trainable)} weights it has "
+                           f"not, {len(trainable - set(state['model']))} it lacks): resume with the run's own config")
     model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["optimizer"])
+    use_settings(opt, cfg)
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    step = state["step"]
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    step, saved = state["step"], state.get("config", {})
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("out", "resume", "max_steps") and k in saved and saved[k] != v]
+    if changed:
+        print(f"resumed with a changed config: {', '.join(changed)}")
+    origin = out if (out / "summary.json").exists() else ckpt.parent    # --resume of another run's checkpoint:
+    if origin != out and (origin / "metrics.jsonl").is_file():          # this run branches off it
+        shutil.copyfile(origin / "metrics.jsonl", out / "metrics.jsonl")
+    summary = json.loads((origin / "summary.json").read_text()) if (origin / "summary.json").exists() else {}
     summary["config"] = dataclasses.asdict(cfg)            # e.g. a longer --max-steps than the run was started with
     kept = cut_metrics(out, step)
     summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
@@ -903,26 +943,35 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg, len(tok))
     out.mkdir(parents=True, exist_ok=True)          # only now: a run refused above leaves no empty --out behind
     device = next(model.parameters()).device
-    if style == "tiny" and cfg.warm_start_steps:
+    ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
+    if style == "tiny" and cfg.warm_start_steps and not (ckpt and cfg.estimator != "d1"):  # SPG resumes its weights
         sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])
     # d1's KL reference: the model as RL starts (the warm start; a resumed run's reference is the same)
     ref_model, ref_context = d1_reference(model) if cfg.estimator == "d1" else (None, None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
-    start_step, summary = resume_run(ckpt, out, model, opt, cfg) if ckpt else (0, {"config": dataclasses.asdict(cfg)})
+    fresh = {"config": dataclasses.asdict(cfg), "nonfinite_steps": 0}
+    start_step, summary = resume_run(ckpt, out, model, opt, cfg) if ckpt else (0, fresh)
     if ckpt:
         print(f"resumed from {ckpt} (step {start_step} of {cfg.max_steps}"
               + ("; the run is complete: a larger --max-steps continues it)" if start_step >= cfg.max_steps else ")"))
+        later = [p.name for p in sorted(out.glob("ckpt_*")) if p.name > f"ckpt_{start_step:06d}"]
+        if later:
+            print(f"{', '.join(later)}: from the run before; replaced as this run saves those steps")
+    else:                                             # a fresh start: rows of a run killed before its first save go
+        cut_metrics(out, 0)
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)
-    if "eval_before" not in summary:
+    if "eval_before" not in summary and start_step == 0:
         summary["eval_before"], _ = evaluate_now("eval before RL")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"held-out before RL: {summary['eval_before']}")
-    stop_signal = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_signal.append(1))
+    elif "eval_before" not in summary:                # a bare checkpoint: what RL started from is not known here
+        summary["eval_at_resume"], _ = evaluate_now(f"eval at step {start_step}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"held-out at step {start_step} (resumed; before RL: not known): {summary['eval_at_resume']}")
+    stop_signal = []                                  # a signal ends the run after the step in progress
+    handlers = {sig: signal.signal(sig, lambda *_: stop_signal.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
     g, n_prompts = cfg.group_size, cfg.num_prompts
     nonfinite_in_a_row, step = 0, start_step
     bar = tqdm(range(start_step, cfg.max_steps), desc="SPG", initial=start_step, total=cfg.max_steps, disable=None)
@@ -1010,7 +1059,7 @@ def train(cfg: Config) -> dict:
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             row["eval"], _ = evaluate_now(f"eval step {step + 1}")
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(metrics_line(row))
         bar.write(f"step {step + 1:5d}/{cfg.max_steps} | reward {row['reward/mean']:.3f} | loss {row['loss']:+.4f} "
                   f"| grad {row['grad_norm']:.3f} | zero-adv {zero_var:.2f} | len {row['gen/len']:.1f} | {dt:.1f}s"
                   + (f" | eval {row['eval']}" if "eval" in row else ""))
@@ -1019,12 +1068,14 @@ def train(cfg: Config) -> dict:
         if stop_signal:
             print(f"stopped by a signal after step {step + 1}; resume with the same command")
             sys.exit(130)
+    for sig, handler in handlers.items():             # Ctrl-C stops the final evaluation at once
+        signal.signal(sig, handler)
     summary["eval_after"], rows = evaluate_now("eval after RL")
     with open(out / "eval_generations.jsonl", "w") as f:
         f.writelines(json.dumps({**r, "example": ex}) + "\n" for r, ex in zip(rows, eval_set))  # ex: the puzzle
     summary["steps"] = cfg.max_steps
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"held-out before RL: {summary['eval_before']}\nheld-out after RL:  {summary['eval_after']}")
+    print(f"held-out before RL: {summary.get('eval_before', 'not known')}\nheld-out after RL:  {summary['eval_after']}")
     return summary
 
 

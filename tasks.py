@@ -16,8 +16,11 @@ tests/test_tasks.py. Deliberate departures from the reference (the reference is 
   5. Countdown: parsed with `ast`, never `eval`; exact Fraction arithmetic; 0.1 only for a well-formed expression.
      Signs (`-100 + 93 + 30`) are accepted as the reference does; `**`, `//` and decimals, which its pattern lets
      through, are refused.
-  6. Eval scores use the last \\boxed{} (GSM8K reference: the first) and strip non-digits for Sudoku. A GSM8K
-     completion with neither a box nor an answer tag is scored by its last number (B02; the reference: wrong).
+  6. Eval answers come from the last \\boxed{} that holds one (`\\boxed{}` and the prompt's `\\boxed{...}` are
+     skipped; GSM8K reference: the first usable box; MATH, Countdown: the last box), else the answer tag (MATH,
+     Countdown reference: the whole text, which fails). Sudoku reads the last <answer> (reference: the first) and
+     keeps only its digits. A GSM8K completion with neither a box nor an answer tag is scored by its last number
+     (B02; the reference: wrong).
 An empty or missing answer never scores, and no reward or score function raises on any string.
 """
 import ast
@@ -150,36 +153,53 @@ def closed_answer_tag(text):
     start = text.rfind("<answer>", 0, end) if end >= 0 else -1
     return text[start + len("<answer>"):end].strip() if start >= 0 else None
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} (or \\fbox{...}) by a balanced-brace scan; `\\boxed 5$` gives `5` (B04).
-
-    None when there is no box or the last one is unbalanced."""
-    found = list(re.finditer(r"\\(?:boxed|fbox)", text))
-    if not found:
-        return None
-    rest = text[found[-1].end():]
-    if not rest.lstrip(" ").startswith("{"):
+def _box_content(text, start):
+    """Content of the box whose `\\boxed`/`\\fbox` ends at index `start` of text; None when it is unbalanced."""
+    rest = text[start:]
+    if not rest.lstrip().startswith("{"):
         bare = re.match(r"\s+([^$\n]+)", rest)  # `\boxed 5$` (reference last_boxed_only_string)
         return bare.group(1).strip() if bare else None
-    rest, depth = rest.lstrip(" "), 0
+    rest, depth = rest.lstrip(), 0
     for i, ch in enumerate(rest):
         depth += {"{": 1, "}": -1}.get(ch, 0)
         if depth == 0:
             return rest[1:i].strip()
     return None
 
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}) by a balanced-brace scan; `\\boxed 5$` gives `5` (B04).
+
+    None when there is no box or the last one is unbalanced."""
+    found = list(re.finditer(r"\\(?:boxed|fbox)", text))
+    return _box_content(text, found[-1].end()) if found else None
+
+PLACEHOLDER_BOXES = ("", "...", "\\ldots", "\\dots", "\u2026")  # the eval prompts' `\boxed{...}`, echoed, is no answer
+
+def last_answer_box(text):
+    """last_boxed, skipping boxes that hold nothing or the prompt's `...` placeholder (data.md 4.2 (a): the
+    reference GSM8K parser skips them), so `\\boxed{18} ... <answer>\\boxed{...}</answer>` reads 18.
+
+    None when no box holds an answer or the last box is unbalanced."""
+    for box in reversed(list(re.finditer(r"\\(?:boxed|fbox)", text))):
+        content = _box_content(text, box.end())
+        if content not in PLACEHOLDER_BOXES:
+            return content  # an answer, or None for an unbalanced box
+    return None
+
 _NUMBER = re.compile(r"(?:(?<![0-9)])-)?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?")
 
 def last_number(text):
     """Last number in text as an exact Fraction (`8,000`, `9{,}500`, `$-5`, `72.00` all work; B02); None if none."""
-    found = _NUMBER.findall(text.replace("{,}", ",").replace("\\!", ""))
+    found = _NUMBER.findall(text.replace("{,}", ",").replace("\\!", "").replace("\u2212", "-"))  # U+2212 minus
     return Fraction(found[-1].replace(",", "")) if found and len(found[-1]) <= 100 else None  # no 5000-digit answers
 
 def strict_format(c, ex, d1_compat=False):
     """0.5 if the whole completion is <reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n (B01)."""
     if d1_compat:  # reference: no DOTALL, so reasoning and answer must each be one line
         return 0.5 if re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", c) else 0.0
-    return 0.5 if re.fullmatch(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?", c, re.DOTALL) else 0.0
+    inner = r"(?:(?!</?(?:reasoning|answer)>).)*"  # any lines, but no tag: one reasoning and one answer block
+    pattern = rf"<reasoning>\n{inner}\n</reasoning>\n<answer>\n{inner}\n</answer>\n?"
+    return 0.5 if re.fullmatch(pattern, c, re.DOTALL) else 0.0
 
 def soft_format(c, ex, d1_compat=False):
     """0.5 if <reasoning>...</reasoning> then <answer>...</answer> appear anywhere, across lines (B01)."""
@@ -218,19 +238,22 @@ def _gsm8k_correct(c, ex):
         return _bad_gold("gsm8k")
     if not content:
         return 0.0
-    return 2.0 if last_number(last_boxed(content) or content) == gold else 0.0
+    return 2.0 if last_number(last_answer_box(content) or content) == gold else 0.0
 
 def _gsm8k_answer(c):
-    """What the GSM8K eval reads: the last \\boxed{}, else the answer tag, else (neither written at all) the whole
-    text, whose last number counts (B02's `The total is 72 clips, altogether.`; the reference scores it 0)."""
+    """What the GSM8K eval reads: the last \\boxed{} that holds an answer (last_answer_box), else the answer tag,
+    else (neither written at all) the whole text, whose last number counts (B02's `The total is 72 clips,
+    altogether.`; the reference scores it 0)."""
     if re.search(r"\\(?:boxed|fbox)|<answer>", c):                # an empty box or tag is an empty answer (B03)
-        return last_boxed(c) or answer_tag(c) or ""
+        return last_answer_box(c) or answer_tag(c) or ""
     return c
 
 def _gsm8k_score(c, ex):
-    """Eval: 1 if the last number of _gsm8k_answer(c) equals the gold number."""
+    """Eval: 1 if the last number of _gsm8k_answer(c) equals the gold number; 0 and a data warning without one."""
     gold, text = _gsm8k_gold(ex), _gsm8k_answer(c)
-    return 1.0 if gold is not None and text and last_number(text) == gold else 0.0
+    if gold is None:
+        return _bad_gold("gsm8k")
+    return 1.0 if text and last_number(text) == gold else 0.0
 
 # ----------------------------------------------------------------------------------------------------------------
 # MATH. Row: {"problem": "If $5x - 3 = 12$, what is the value of $5x + 3$?", "answer": "18"}
@@ -263,7 +286,7 @@ def math_equal(pred, gold):
         return False
 
 def _math_pred(c):
-    return last_boxed(c) or answer_tag(c)  # reference: last box of the whole completion, no tag fallback
+    return last_answer_box(c) or answer_tag(c)  # reference: last box, even `\\boxed{...}`; no tag fallback
 
 def _math_correct(c, ex):
     """2.0 if the last \\boxed{} (else the answer tag) is equivalent to the gold answer."""
@@ -328,11 +351,12 @@ def _countdown_reward(c, ex):
     return 1.0 if _countdown_solved(expr, ex) else (0.1 if countdown_eval(expr) else 0.0)
 
 def _countdown_answer(c):
-    """What the Countdown eval reads: the last \\boxed{} (else the answer tag, else the first inline
-    `expr = number` of the text, data.md 4.2), LaTeX operators mapped, text after `=` dropped."""
+    """What the Countdown eval reads: the last \\boxed{} that holds an answer (last_answer_box), else the answer tag,
+    else the first inline `expr = number` of the text; LaTeX operators mapped, text after `=` dropped. (The
+    reference, data.md 4.2: the last box, else the whole text; the tag only when the last box is unbalanced.)"""
     for latex, op in _LATEX_OPS.items():
         c = c.replace(latex, op)
-    expr = last_boxed(c) or answer_tag(c)
+    expr = last_answer_box(c) or answer_tag(c)
     if expr is None:
         inline = _INLINE_EQUATION.search(c)
         expr = inline.group(1) if inline else ""
@@ -570,10 +594,15 @@ EVAL_FILE_FORMAT = {
     "sudoku": "a CSV with Puzzle and Solution columns of 16 digits (0 = empty), like shared/data/sudoku",
 }
 
+GOLD = {"gsm8k": _gsm8k_gold, "math": lambda ex: ex["answer"]}  # an eval row without a gold is left out
+
 def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
-    """Evaluation examples of task `name` in file order; `n` draws a seeded random subset. UsageError naming
-    the format (EVAL_FILE_FORMAT) when eval_file cannot be read as the task's."""
+    """Evaluation examples of task `name` in file order; `n` draws a seeded random subset. Rows without a usable
+    gold answer (GOLD) are left out with a warning. UsageError naming the format (EVAL_FILE_FORMAT) when eval_file
+    cannot be read as the task's or holds no scorable problem, and for n < 1."""
     get_task(name)
+    if n is not None and n < 1:
+        raise UsageError(f"--n {n}: pass a number of problems >= 1 (or leave it out for all of them)")
     if eval_file:
         try:
             rows = _eval_rows(name, data_dir, eval_file)
@@ -582,7 +611,14 @@ def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
                              f"pass {EVAL_FILE_FORMAT[name]}") from e
     else:
         rows = _eval_rows(name, data_dir, None)
-    return random.Random(seed).sample(rows, n) if n is not None and n < len(rows) else rows
+    scorable = [ex for ex in rows if name not in GOLD or GOLD[name](ex) not in (None, "")]
+    if not scorable:
+        raise UsageError(f"{eval_file or 'the evaluation set'} holds no {name} problem with a gold answer; "
+                         f"pass {EVAL_FILE_FORMAT[name]}")
+    if len(scorable) < len(rows):  # e.g. the 12k MATH training file's 2 empty answers
+        warnings.warn(f"{name}: left out {len(rows) - len(scorable)} of {len(rows)} evaluation problems without a "
+                      "usable gold answer (B03)", stacklevel=2)
+    return random.Random(seed).sample(scorable, n) if n is not None and n < len(scorable) else scorable
 
 def _eval_rows(name, data_dir, eval_file):
     """All evaluation examples of task `name`: eval_file's, else the published test set (or its stand-in)."""

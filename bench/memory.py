@@ -56,7 +56,8 @@ def measure(cfg: S.Config, prompt_length: int) -> dict:
     t0 = time.time()
     model.eval()
     seqs = S.generate(model, prompt, attn, gen_length=cfg.gen_length, block_length=cfg.block_length,
-                      steps=cfg.steps, temperature=cfg.temperature, mask_id=ids["mask"])
+                      steps=cfg.steps, temperature=cfg.temperature, mask_id=ids["mask"],
+                      generator=S.make_generator(cfg.seed, 0, 1, device=prompt.device))
     torch.cuda.synchronize()
     rollout_s, rollout_gb = time.time() - t0, torch.cuda.max_memory_allocated() / GB
     model.train()

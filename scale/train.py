@@ -59,9 +59,10 @@ def shard_model(model, shard, device):
         return model
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
           else MixedPrecisionPolicy())                # CPU: float32 throughout
+    head_mp = MixedPrecisionPolicy(param_dtype=torch.float32)  # float32 logits (load_model's M.float32_head)
     decoder, head = M.decoder_and_head(model)
     for unit in (*decoder.layers, decoder, head):     # inner units first
-        fully_shard(unit, mp_policy=mp)
+        fully_shard(unit, mp_policy=head_mp if unit is head else mp)   # the head casts its bf16 input up
         unit.set_gradient_divide_factor(1.0)          # SUM over ranks, not FSDP's default mean ...
         unit.set_force_sum_reduction_for_comms(True)  # ... as a plain SUM (gloo has no PREMUL_SUM)
     return model
@@ -101,20 +102,20 @@ def main(argv=None):
                    help="continue from the newest checkpoint in --out (takes no value, unlike spg_min's --resume)")
     args, rest = p.parse_known_args(argv)
     if args.resume not in (True, False):
-        raise SystemExit(f"scale/train.py --resume takes no value (got {args.resume!r}): pass --resume to continue "
-                         "the run in --out, or leave it out and pass a fresh --out to start anew")
+        p.error(f"scale/train.py --resume takes no value (got {args.resume!r}): pass --resume to continue "
+                "the run in --out, or leave it out and pass a fresh --out to start anew")
     cfg = S.parse_config(rest)
     if cfg.estimator == "d1":
-        raise SystemExit("scale/ runs SPG only: run the d1 baseline (--estimator d1) with spg_min.py")
+        p.error("scale/ runs SPG only: run the d1 baseline (--estimator d1) with spg_min.py")
     four_bit = cfg.load_in_4bit                       # parse_config refuses it with the tiny model
     shard = args.shard or ("ddp" if four_bit else "fsdp")
     if shard == "fsdp" and four_bit:
-        raise SystemExit("--shard fsdp cannot shard a 4-bit (bitsandbytes NF4) base: use --shard ddp, "
-                         "or --load-in-4bit false to shard a bf16 base")
+        p.error("--shard fsdp cannot shard a 4-bit (bitsandbytes NF4) base: use --shard ddp, "
+                "or --load-in-4bit false to shard a bf16 base")
     out = Path(cfg.out)
     latest = S.latest_checkpoint(out) if out.is_dir() else None
     if latest and not args.resume:
-        raise SystemExit(f"{out} already holds {latest.name}: pass --resume to continue, or a fresh --out")
+        p.error(f"{out} already holds {latest.name}: pass --resume to continue, or a fresh --out")
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -140,12 +141,14 @@ def main(argv=None):
     model = shard_model(model, shard, device)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=S.ADAM_BETAS, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    start_step, summary = 0, {"config": dataclasses.asdict(cfg), "world_size": world, "shard": shard}
-    torch.manual_seed(S.make_generator(cfg.seed, 3, rank).initial_seed())  # start-up: this rank's dropout stream
+    start_step = 0
+    summary = {"config": dataclasses.asdict(cfg), "world_size": world, "shard": shard, "nonfinite_steps": 0}
+    torch.manual_seed(S.make_generator(cfg.seed, -1, rank).initial_seed())  # this rank's dropout stream (no step is -1)
     if latest:                  # every rank reads the full state (--out on a shared filesystem) and keeps its shard
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
+        S.use_settings(opt, cfg)                    # the command's lr, eps and weight decay, as spg_min
         start_step, summary = state["step"], json.loads((out / "summary.json").read_text())
         if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG streams
             saved = state["torch_rng_per_rank"][rank]
@@ -156,6 +159,8 @@ def main(argv=None):
         if rank == 0:           # drop metrics rows logged after the checkpoint; the skip count goes on from there
             kept = S.cut_metrics(out, start_step)
             summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
+    elif rank == 0 and (out / "metrics.jsonl").exists():   # a run killed before its first save: start the log over
+        S.cut_metrics(out, 0)
 
     def evaluate(desc):
         """Every rank scores an equal slice (padded with the last example, so all run the same forwards)."""
@@ -241,7 +246,8 @@ def main(argv=None):
         tokens_per_s = (all_reduce(c_rank.numel(), SUM, device) / all_reduce(t_rollout, MAX, device)).item()
         stats = all_gather(torch.cat([cat("rewards")[:, None], cat("per_fn"), lengths], 1), device)
         rewards, per_fn, lengths = stats[:, 0], stats[:, 1:-1], stats[:, -1]
-        zero_var = (rewards.view(-1, g) == rewards.view(-1, g)[:, :1]).all(-1).float().mean().item()
+        adv_all = S.group_advantages(rewards, torch.arange(len(rewards)) // g)           # as spg_min counts them
+        zero_var = (adv_all.view(-1, g) == 0).all(-1).float().mean().item()
         dt = time.time() - t0
         row = {"step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                **{f"reward/{name}": per_fn[:, f].mean().item() for f, (name, _, _) in enumerate(task.reward_funcs)},
@@ -257,7 +263,7 @@ def main(argv=None):
             row["eval"] = evaluate(f"eval step {step + 1}")
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(S.metrics_line(row))
         log(f"step {step + 1:5d}/{cfg.max_steps} | reward {row['reward/mean']:.3f} | loss {row['loss']:+.4f} | grad "
             f"{row['grad_norm']:.3f} | zero-adv {zero_var:.2f} | skipped {skipped} | {dt:.1f}s", flush=True)
         stop = all_reduce(len(stop_signal), MAX, device)      # a signal on any rank stops all at the same step

@@ -34,6 +34,11 @@ def no_loading(monkeypatch):
     (dict(estimator="ppo"), "estimator"),
     (dict(masking="bernoulli"), "masking"),
     (dict(p_mask_prompt=1.0), "p_mask_prompt"),
+    (dict(block_length=0), "block_length"),                               # was a ZeroDivisionError
+    (dict(num_prompts=0), "num_prompts"),
+    (dict(eval_batch=0), "eval_batch"),
+    (dict(lr=-1.0), "lr=-1.0"),
+    (dict(grad_clip=0.0), "grad_clip"),
     (dict(temperature=-1.0), "temperature"),
     (dict(estimator="d1"), "num_mc=1 and masking=d1"),                    # d1 scores one fully masked copy
     (dict(estimator="d1", num_mc=1, masking="block"), "masking=d1"),

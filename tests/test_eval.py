@@ -34,3 +34,17 @@ def test_eval_writes_generations_and_table(tmp_path):
         assert [r["example"] for r in rows] == tasks.load_eval("sudoku", n=6, seed=42)
     table = (tmp_path / "ev" / "results_sudoku.md").read_text().splitlines()
     assert table[0].startswith("| length | accuracy") and len(table) == 4
+
+
+def test_bad_input_is_a_usage_error_before_the_model_loads(tmp_path):
+    """Every generation length, the --eval-file and the --adapter are checked before anything runs: exit 2 with
+    the problem named, no traceback, no output folder."""
+    base = [sys.executable, str(ROOT / "eval.py"), "--task", "sudoku", "--model", "tiny", "--block-length", "8",
+            "--out", str(tmp_path / "ev")]
+    for extra, named in [(["--gen-lengths", "16", "12"], "gen_length=12 must be a multiple of block_length=8"),
+                         (["--eval-file", str(tmp_path / "absent.csv")], "is not a file"),
+                         (["--adapter", str(tmp_path)], "holds no state.pt"),
+                         (["--n", "0"], "--n 0: pass a number")]:
+        run = subprocess.run(base + extra, cwd=ROOT, timeout=120, capture_output=True, text=True)
+        assert run.returncode == 2 and named in run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert not (tmp_path / "ev").exists()

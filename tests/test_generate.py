@@ -60,6 +60,12 @@ def test_bad_schedule_raises(tiny):
         S.generate(net, ids, attn, gen_length=60, block_length=16, steps=4, temperature=0.0, mask_id=mask_id)
     with pytest.raises(ValueError, match="steps"):
         S.generate(net, ids, attn, gen_length=64, block_length=16, steps=10, temperature=0.0, mask_id=mask_id)
+    kw = dict(gen_length=16, block_length=16, steps=4, mask_id=mask_id)
+    with pytest.raises(ValueError, match="remasking='low_confidance' is not one of"):
+        S.generate(net, ids, attn, temperature=0.0, remasking="low_confidance", **kw)
+    for sampling in (dict(temperature=1.0), dict(temperature=0.0, remasking="random")):   # STYLE: no global RNG
+        with pytest.raises(ValueError, match="draws from a generator"):
+            S.generate(net, ids, attn, **sampling, **kw)
 
 
 def test_greedy_independent_of_batch_and_padding(tiny):  # B24

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+import spg_min as S  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LLADA_TINY = FIXTURES / "llada_tiny"
@@ -99,6 +100,18 @@ def test_tiny_tokenizer_roundtrip_template_and_ids():
     assert M.special_ids(tok)["mask"] in tok("x <|mdm_mask|> y", add_special_tokens=False).input_ids
 
 
+def test_a_tokenizer_that_names_no_mask_token_gets_llada_s(tmp_path):
+    """LLaDA-8B-Instruct's tokenizer_config.json names no mask token; <|mdm_mask|> is then registered by name, so
+    spg_min accepts it as special (the real tokenizer's files cannot be fetched here: the tiny one, edited)."""
+    M.tiny_tokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["mask_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": ["<|eot_id|>"]}))
+    tok = M.load_tokenizer(tmp_path)
+    assert tok.mask_token == M.MASK and 107 in tok.all_special_ids
+    assert S.load_tokenizer(S.Config(model=str(tmp_path)))[2]["mask"] == 107
+
+
 @needs_fixture
 def test_fixture_tokenizer_ids_fit_the_fixture_model():
     cfg = json.loads((LLADA_TINY / "config.json").read_text())
@@ -154,6 +167,21 @@ def test_fixture_fp32_matches_expected_logits_bidirectional_and_padding():
     torch.testing.assert_close(logits(model, expected["input_ids"]), expected["logits"], atol=1e-5, rtol=0)
     assert_bidirectional(model, expected["input_ids"])
     assert_left_padding_ok(model, expected["input_ids"][0, :25], expected["input_ids"][1], pad_id=381)
+
+
+@needs_fixture
+def test_float32_head_gives_float32_logits_on_a_bf16_base():
+    """spg_min.load_model's float32_head: a bf16 base (--load-in-4bit false) scores completions from float32 logits
+    (spg_spec.md (h)11); without it the head runs in bf16."""
+    ids = torch.load(FIXTURES / "llada_tiny_expected.pt")["input_ids"][:, :16]
+    attn = torch.ones_like(ids)
+    model = M.load_llada(LLADA_TINY, dtype=torch.bfloat16)
+    _, head = M.decoder_and_head(model)
+    assert head(S.hidden_states(model, ids, attn)).dtype == torch.bfloat16
+    M.float32_head(model)
+    h = S.hidden_states(model, ids, attn)
+    assert h.dtype == head.weight.dtype == head(h).dtype == torch.float32
+    assert M.decoder_and_head(model)[0].layers[0].mlp.up_proj.weight.dtype == torch.bfloat16   # the body stays bf16
 
 
 def write_llada_checkpoint(llama, folder):

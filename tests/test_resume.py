@@ -232,6 +232,7 @@ def test_nan_logits_skip_the_step_and_training_goes_on(tmp_path, inproc, monkeyp
     summary = inproc(out, "--max-steps", "3")                       # resumed: the count survives
     assert summary["nonfinite_steps"] == 1 and "eval_after" in summary
     assert [r["nonfinite_steps"] for r in metrics(out)] == [1, 1, 1]   # the first loss pass is in step 1 here
+    assert metrics(out)[0]["loss"] is None and "NaN" not in (out / "metrics.jsonl").read_text()   # strict JSON
     initial = {n: p for n, p in M.tiny_model(len(M.tiny_tokenizer()), seed=0).named_parameters()}
     s1, s3 = state(out, 1), state(out, 3)
     assert same_tensors(s1["model"], initial) and s1["optimizer"]["state"] == {}   # step 1 skipped: nothing moved
@@ -267,3 +268,60 @@ def test_same_seed_same_run(tmp_path, inproc):
     assert metrics(a) == metrics(b) and metrics(a) != metrics(c)
     assert same_tensors(state(a, 3)["model"], state(b, 3)["model"])
     assert (a / "eval_generations.jsonl").read_text() == (b / "eval_generations.jsonl").read_text()
+
+
+def test_resume_from_an_earlier_checkpoint_replaces_the_later_ones(tmp_path, inproc, reference):
+    """--resume ckpt_000002 of a finished 4-step run redoes steps 3-4 over the old checkpoints, to the same run."""
+    out = tmp_path / "run"
+    inproc(out)
+    inproc(out, "--resume", str(out / "ckpt_000002"))
+    assert ckpts(out) == [f"ckpt_00000{i}" for i in (1, 2, 3, 4)]
+    assert_same_run(out, reference)
+
+
+def test_a_restart_before_the_first_checkpoint_starts_the_log_over(tmp_path, inproc):
+    out = tmp_path / "run"
+    inproc(out, "--max-steps", "2")
+    for ckpt in out.glob("ckpt_*"):                                 # as if killed before its first save
+        __import__("shutil").rmtree(ckpt)
+    inproc(out, "--max-steps", "2")
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, inproc):
+    out = tmp_path / "run"
+    inproc(out, "--max-steps", "1")
+    (tmp_path / "other").mkdir()
+    torch.save({**state(out, 1), "model": {"lm_head.weight": torch.zeros(1)}}, tmp_path / "other" / "state.pt")
+    with pytest.raises(T.UsageError, match="does not fit this model"):
+        inproc(out, "--resume", str(tmp_path / "other"))
+
+
+def test_a_resumed_run_takes_the_new_learning_rate_and_says_so(tmp_path, inproc, capsys):
+    out = tmp_path / "run"
+    inproc(out, "--max-steps", "1")
+    inproc(out, "--max-steps", "2", "--lr", "1e-4")
+    assert "resumed with a changed config: lr 0.001 -> 0.0001" in capsys.readouterr().out
+    assert [g["lr"] for g in state(out, 2)["optimizer"]["param_groups"]] == [1e-4]
+    assert [r["lr"] for r in metrics(out)] == [1e-3, 1e-4]
+
+
+def test_resume_from_another_run_s_checkpoint_branches_it(tmp_path, inproc):
+    """--resume DIR into a new --out: the origin's eval before RL and its metrics up to the step come along."""
+    first, branch = tmp_path / "first", tmp_path / "branch"
+    inproc(first, "--max-steps", "3")
+    summary = inproc(branch, "--max-steps", "3", "--resume", str(first / "ckpt_000002"))
+    assert summary["eval_before"] == json.loads((first / "summary.json").read_text())["eval_before"]
+    assert metrics(branch) == metrics(first) and [r["step"] for r in metrics(branch)] == [1, 2, 3]   # same seed
+
+
+def test_a_resumed_spg_run_does_not_rebuild_the_warm_start(tmp_path, inproc):
+    """Its weights come from the checkpoint, so a deleted warm-start cache is not rebuilt (d1 still needs it: the
+    reference model), and the run goes on as the uninterrupted one does."""
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    inproc(whole, "--max-steps", "2", "--warm-start-steps", "2")
+    inproc(out, "--max-steps", "1", "--warm-start-steps", "2")
+    __import__("shutil").rmtree(out / "cache")
+    inproc(out, "--max-steps", "2", "--warm-start-steps", "2")
+    assert not (out / "cache").exists()
+    assert metrics(out) == metrics(whole) and same_tensors(state(out, 2)["model"], state(whole, 2)["model"])

@@ -106,14 +106,14 @@ def test_groups_never_straddle_ranks():                                  # B15
 def test_fsdp_with_4bit_base_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scale" / "train.py"), "--model", "some/llada", "--shard", "fsdp",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "cannot shard a 4-bit" in proc.stderr
+    assert proc.returncode == 2 and "cannot shard a 4-bit" in proc.stderr
 
 
 def test_resume_with_a_value_is_refused(tmp_path):
     """scale/train.py's --resume is a switch; spg_min's `--resume none` must not leave `none` to a confusing error."""
     proc = subprocess.run([sys.executable, str(REPO / "scale" / "train.py"), "--resume", "none", "--model", "tiny",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "--resume takes no value (got 'none')" in proc.stderr
+    assert proc.returncode == 2 and "--resume takes no value (got 'none')" in proc.stderr
 
 
 def test_one_step_same_for_one_and_two_ranks(tmp_path, shim):

@@ -258,6 +258,34 @@ def test_b04_last_boxed_with_nested_braces():
     assert fns("math")["correctness"]("no box at all", ex) == 0.0
 
 
+def test_the_prompts_boxed_placeholder_is_not_an_answer():
+    """The eval prompts show `\\boxed{...}`; a model that echoes it after its real box keeps its answer (data.md 4.2
+    (a): the reference GSM8K parser skips empty and `...` boxes). An unbalanced last box is still no box."""
+    echoed = "so \\boxed{18}.\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>"
+    assert tasks.last_boxed(echoed) == "..." and tasks.last_answer_box(echoed) == "18"
+    assert tasks.get_task("gsm8k").score(echoed, {"question": "q", "answer": "18"}) == 1.0
+    assert tasks.get_task("gsm8k").score(echoed.replace("{...}", "{}"), {"question": "q", "answer": "18"}) == 1.0
+    assert tasks.get_task("gsm8k").score("<answer>\\boxed{...}</answer>", {"question": "q", "answer": "18"}) == 0.0
+    assert fns("gsm8k")["correctness"]("<answer>\\boxed{18} \\boxed{}</answer>", {"answer": "18"}) == 2.0
+    assert tasks.get_task("math").score(echoed.replace("18", "\\frac{1}{2}"), EXAMPLES["math"]) == 1.0
+    assert tasks.get_task("countdown").score("\\boxed{30 + 93 - 100} \\boxed{\\ldots}", EXAMPLES["countdown"]) == 1.0
+    assert tasks.last_answer_box("\\boxed{2} then \\boxed{3") is None and tasks.last_answer_box("\\boxed{}") is None
+    assert tasks.last_boxed("\\boxed\n{5}") == "5"                                  # LaTeX allows a newline there
+
+
+def test_strict_format_is_one_reasoning_block_and_one_answer_block():
+    strict = fns("gsm8k")["strict_format"]
+    assert strict(paper("1", reasoning="a\nb"), {}) == 0.5
+    assert strict(paper("1", reasoning="a") + paper("2", reasoning="b"), {}) == 0.0     # two of each
+    assert strict("<reasoning>\na\n</reasoning>\n<answer>\n<answer>\n1\n</answer>\n", {}) == 0.0
+
+
+def test_a_unicode_minus_is_a_minus():
+    score = tasks.get_task("gsm8k").score
+    assert score("<answer>\u22125</answer>", {"answer": "5"}) == 0.0
+    assert score("<answer>\u22125</answer>", {"answer": "-5"}) == 1.0
+
+
 @pytest.mark.parametrize("pred, gold, equal", [
     ("\\frac{2}{3}", "2/3", True), ("\\dfrac{1}{2}", "0.5", True), ("\\frac{1}{2}", "0.51", False),
     ("\\frac{100}{3}", "33.3", False),  # policy: math-verify rounds floats to 6 decimals, so 33.333333 would match
@@ -456,6 +484,26 @@ def test_a_sudoku_csv_row_that_is_not_a_puzzle_is_refused_with_its_line(tmp_path
     path.write_text("Puzzle,Solution\n0310200404001043,4312213434211243\n" + row + "\n")
     with pytest.raises(tasks.UsageError, match="line 3: .* is not a puzzle with its solution grid"):
         tasks.load_eval("sudoku", eval_file=path)
+
+
+def test_an_eval_set_without_a_scorable_problem_is_refused(tmp_path):
+    """An empty file, a header-only CSV, rows without a gold answer and --n below 1 are usage errors, not a 0%
+    result; rows without a gold among good ones are left out with a warning (B03)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("Puzzle,Solution\n")
+    (tmp_path / "nohash.jsonl").write_text(json.dumps({"question": "q", "answer": "no hashes here"}) + "\n")
+    for name, path in [("gsm8k", "empty.jsonl"), ("sudoku", "header.csv"), ("gsm8k", "nohash.jsonl")]:
+        with pytest.raises(tasks.UsageError, match="holds no .* problem with a gold answer"):
+            tasks.load_eval(name, eval_file=tmp_path / path)
+    for n in (0, -1):
+        with pytest.raises(tasks.UsageError, match=f"--n {n}: pass"):
+            tasks.load_eval("sudoku", n=n)
+    rows = [{"problem": "p1", "answer": "1"}, {"problem": "p2", "answer": ""}, {"problem": "p3", "answer": "3"}]
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="left out 1 of 3 evaluation problems without a usable gold"):
+        assert [ex["problem"] for ex in tasks.load_eval("math", eval_file=tmp_path / "math.jsonl")] == ["p1", "p3"]
+    with pytest.warns(UserWarning, match="gold"):
+        assert tasks.get_task("gsm8k").score("<answer>72</answer>", {"answer": "no hashes here"}) == 0.0
 
 
 def test_offline_without_data_dir_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
