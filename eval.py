@@ -35,7 +35,7 @@ def load_for_eval(model_name: str, adapter: str | None, vocab_size: int):
         keys = net.load_state_dict(state["model"], strict=False)
         absent = [k for k in keys.missing_keys if "lora_" in k]
         if keys.unexpected_keys or absent:
-            raise ValueError(f"--adapter {adapter} does not fit this model (unexpected "
+            raise T.UsageError(f"--adapter {adapter} does not fit this model (unexpected "
                              f"{keys.unexpected_keys[:3]}, absent {absent[:3]}); pass the --model it was trained on")
     return net.eval()
 
@@ -66,13 +66,16 @@ def main():
         for cfg in configs:
             S.validate(cfg)
         if args.adapter and not (Path(args.adapter) / "state.pt").is_file():
-            raise ValueError(f"--adapter {args.adapter} holds no state.pt: pass a checkpoint directory of a run")
+            raise T.UsageError(f"--adapter {args.adapter} holds no state.pt: pass a checkpoint directory of a run")
+    except ValueError as err:                         # validate() names the Config field (eval_batch is --batch)
+        p.error(str(err))
+    try:
         tok, style, ids = S.load_tokenizer(cfg0)
         examples = T.load_eval(args.task, args.data_dir, eval_file=args.eval_file, n=args.n, seed=args.seed)
         if args.model == "tiny" and not args.adapter:
             print("eval.py: no --adapter: scoring the untrained tiny model (pass a run's ckpt_* directory)")
         net = load_for_eval(args.model, args.adapter, len(tok))
-    except ValueError as err:                         # a usage error (T.UsageError is one), not a traceback
+    except T.UsageError as err:                       # bad input, not a traceback; a library's own error still has one
         p.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

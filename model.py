@@ -186,7 +186,10 @@ def float32_head(model):
     bf16 output gives the head a float32 input. A 4-bit base gets this from peft's prepare_model_for_kbit_training."""
     decoder, head = decoder_and_head(model)
     decoder.norm.float()
-    head.float()
+    if head.weight is decoder.embed_tokens.weight:  # tied: the head gets its own float32 copy, the embedding stays
+        head.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=head.weight.requires_grad)
+    else:
+        head.float()
     return model
 
 
@@ -207,7 +210,9 @@ def add_lora(model, *, r=128, alpha=64, dropout=0.05, targets=LORA_TARGETS_PAPER
     target_modules = targets if targets == "all-linear" else list(targets)
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                       task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():   # peft calls transformers' deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def is_peft(model) -> bool:

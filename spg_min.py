@@ -27,7 +27,7 @@ Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; s
      picked by `_step % mu`, and every global RNG reseeded inside the loss);
   2. the EUBO is computed in log space (logsumexp over samples), so p**beta never underflows to 0
      and silently drops tokens (field case B09);
-  3. log-probabilities in float32 from float32 logits (a float32 LM head on every path), computed in chunks;
+  3. log-probabilities in float32 from float32 logits (a float32 LM head in training), computed in chunks;
      rollouts under no_grad in eval mode (no LoRA dropout while sampling);
   4. the attention mask is honoured (left padding is invisible to the model), and sampling at T > 0 draws
      exactly from softmax(logits / T) (reference: bf16 Gumbel noise);
@@ -822,8 +822,6 @@ def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
                 "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
-    if final.exists():                                # a run resumed from an earlier checkpoint: its later ones go
-        shutil.rmtree(final)
     os.replace(tmp, final)
     return final
 
@@ -872,8 +870,12 @@ def check_out(cfg: Config) -> Path:
                            "with a directory")
     if not os.access(nearest, os.W_OK):
         raise T.UsageError(f"out={cfg.out} is not writable: pass --out with a writable directory")
-    if cfg.resume == "none" and (out / "metrics.jsonl").exists():
+    holds_run = (out / "metrics.jsonl").exists() or (out / "summary.json").exists()
+    if cfg.resume == "none" and holds_run:
         raise T.UsageError(f"out={cfg.out} already holds a run: pass a new --out, or --resume auto to continue it")
+    if cfg.resume not in ("auto", "none") and holds_run and Path(cfg.resume).resolve().parent != out.resolve():
+        raise T.UsageError(f"out={cfg.out} holds another run than resume={cfg.resume}: pass a new --out to branch "
+                           "from that checkpoint")
     return out
 
 
@@ -899,8 +901,9 @@ def use_settings(opt, cfg: Config) -> None:
 def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dict]:
     """Load a checkpoint's weights, optimizer and RNG state; cut metrics.jsonl back to its step. The learning rate,
     Adam eps and weight decay are cfg's (a changed setting is printed). A checkpoint of another run directory
-    branches it: its summary and its metrics up to the step are carried over. UsageError if it does not fit the
-    model. Returns (its step, the run's summary with this config)."""
+    branches it (into an --out that holds no run, check_out): its summary and its metrics up to the step are carried
+    over. Resuming an earlier checkpoint of this run moves the later ones into out/superseded_<time>/. UsageError
+    if it does not fit the model. Returns (its step, the run's summary with this config)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state["model"]) != trainable:                   # strict=False below: the frozen weights are not saved
@@ -917,9 +920,17 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
                if k not in ("out", "resume", "max_steps") and k in saved and saved[k] != v]
     if changed:
         print(f"resumed with a changed config: {', '.join(changed)}")
-    origin = out if (out / "summary.json").exists() else ckpt.parent    # --resume of another run's checkpoint:
-    if origin != out and (origin / "metrics.jsonl").is_file():          # this run branches off it
+    origin = ckpt.parent                                   # out, or another run this one branches off (check_out)
+    branch = origin.resolve() != out.resolve()
+    if branch and (origin / "metrics.jsonl").is_file():
         shutil.copyfile(origin / "metrics.jsonl", out / "metrics.jsonl")
+    later = [] if branch else sorted(p for p in out.glob("ckpt_*") if p.name > ckpt.name)  # the run before went
+    if later:                                                       # further: its later checkpoints move aside
+        aside = out / f"superseded_{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            os.replace(p, aside / p.name)
+        print(f"{', '.join(p.name for p in later)} of the run before moved to {aside}")
     summary = json.loads((origin / "summary.json").read_text()) if (origin / "summary.json").exists() else {}
     summary["config"] = dataclasses.asdict(cfg)            # e.g. a longer --max-steps than the run was started with
     kept = cut_metrics(out, step)
@@ -955,10 +966,8 @@ def train(cfg: Config) -> dict:
     if ckpt:
         print(f"resumed from {ckpt} (step {start_step} of {cfg.max_steps}"
               + ("; the run is complete: a larger --max-steps continues it)" if start_step >= cfg.max_steps else ")"))
-        later = [p.name for p in sorted(out.glob("ckpt_*")) if p.name > f"ckpt_{start_step:06d}"]
-        if later:
-            print(f"{', '.join(later)}: from the run before; replaced as this run saves those steps")
-    else:                                             # a fresh start: rows of a run killed before its first save go
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))   # a branch keeps its origin's record
+    elif (out / "metrics.jsonl").exists():            # a fresh start: rows of a run killed before its first save go
         cut_metrics(out, 0)
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)

@@ -16,11 +16,12 @@ tests/test_tasks.py. Deliberate departures from the reference (the reference is 
   5. Countdown: parsed with `ast`, never `eval`; exact Fraction arithmetic; 0.1 only for a well-formed expression.
      Signs (`-100 + 93 + 30`) are accepted as the reference does; `**`, `//` and decimals, which its pattern lets
      through, are refused.
-  6. Eval answers come from the last \\boxed{} that holds one (`\\boxed{}` and the prompt's `\\boxed{...}` are
-     skipped; GSM8K reference: the first usable box; MATH, Countdown: the last box), else the answer tag (MATH,
-     Countdown reference: the whole text, which fails). Sudoku reads the last <answer> (reference: the first) and
-     keeps only its digits. A GSM8K completion with neither a box nor an answer tag is scored by its last number
-     (B02; the reference: wrong).
+  6. Eval answers (not training rewards) come from the last \\boxed{} that holds one (`\\boxed{}` and the prompt's
+     `\\boxed{...}` are skipped; GSM8K reference: the first usable box; MATH, Countdown: the last box), else the
+     answer tag (reference: the whole text, which fails for MATH; Countdown's then reads its first inline
+     `expr = number`, as here). Sudoku reads the last <answer> (reference: the first) and keeps only its digits. A
+     GSM8K completion with neither a box nor an answer tag is scored by its last number (B02; the reference: wrong).
+     Numbers may carry the unicode minus sign.
 An empty or missing answer never scores, and no reward or score function raises on any string.
 """
 import ast
@@ -194,7 +195,8 @@ def last_number(text):
     return Fraction(found[-1].replace(",", "")) if found and len(found[-1]) <= 100 else None  # no 5000-digit answers
 
 def strict_format(c, ex, d1_compat=False):
-    """0.5 if the whole completion is <reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n (B01)."""
+    """0.5 if the whole completion is <reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n (B01): one block of
+    each, whose lines hold no tag (without DOTALL the reference's pattern could not span two blocks either)."""
     if d1_compat:  # reference: no DOTALL, so reasoning and answer must each be one line
         return 0.5 if re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", c) else 0.0
     inner = r"(?:(?!</?(?:reasoning|answer)>).)*"  # any lines, but no tag: one reasoning and one answer block
@@ -238,7 +240,7 @@ def _gsm8k_correct(c, ex):
         return _bad_gold("gsm8k")
     if not content:
         return 0.0
-    return 2.0 if last_number(last_answer_box(content) or content) == gold else 0.0
+    return 2.0 if last_number(last_boxed(content) or content) == gold else 0.0
 
 def _gsm8k_answer(c):
     """What the GSM8K eval reads: the last \\boxed{} that holds an answer (last_answer_box), else the answer tag,
@@ -285,13 +287,15 @@ def math_equal(pred, gold):
     except Exception:  # math-verify failed or timed out: the string comparison above decides
         return False
 
-def _math_pred(c):
-    return last_answer_box(c) or answer_tag(c)  # reference: last box, even `\\boxed{...}`; no tag fallback
+def _math_pred(c, box=last_answer_box):
+    """What MATH's eval reads: the last box holding an answer, else the answer tag (reference: the last box, even
+    `\\boxed{...}`, else the whole text). The training reward reads with box=last_boxed (data.md 3.2)."""
+    return box(c) or answer_tag(c)
 
-def _math_correct(c, ex):
+def _math_correct(c, ex, box=last_boxed):
     """2.0 if the last \\boxed{} (else the answer tag) is equivalent to the gold answer."""
     gold = str(ex.get("answer") or "").strip()
-    return (2.0 if math_equal(_math_pred(c), gold) else 0.0) if gold else _bad_gold("math")
+    return (2.0 if math_equal(_math_pred(c, box), gold) else 0.0) if gold else _bad_gold("math")
 
 def _math_format(c, ex):
     """0.5 for a closed <answer> pair + 0.25 for a \\boxed{} inside it (max 0.75, see note 4 above)."""
@@ -299,7 +303,7 @@ def _math_format(c, ex):
     return 0.0 if content is None else 0.5 + (0.25 if "\\boxed" in content else 0.0)
 
 def _math_score(c, ex):
-    return _math_correct(c, ex) / 2.0
+    return _math_correct(c, ex, box=last_answer_box) / 2.0
 
 # ----------------------------------------------------------------------------------------------------------------
 # Countdown. Row (file): {"input": "30,100,93", "output": "23"} -> {"nums": [30, 100, 93], "target": 23}
@@ -310,7 +314,7 @@ COUNTDOWN_TEST = "countdown/countdown_cd3_test.jsonl"  # the published held-out 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _SIGNS = {ast.USub: operator.neg, ast.UAdd: operator.pos}  # `-100 + 93 + 30`: the reference's eval accepts it
 _INLINE_EQUATION = re.compile(r"(?<![0-9+\-*/() ])([0-9+\-*/() ]+)=\s*-?[0-9]")  # `30 + 93 - 100 = 23` in a line
-_LATEX_OPS = {"\\times": "*", "\\cdot": "*", "\\div": "/"}
+_LATEX_OPS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\u2212": "-"}  # and the unicode minus sign
 
 def _countdown_row(raw):
     if "nums" in raw:

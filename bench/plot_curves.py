@@ -16,7 +16,7 @@ def read_run(run: Path):
     """(steps, reward means, rollout temperature, eval steps, eval accuracies); step 0 is the evaluation before RL."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
-    evals = [(0, summary["eval_before"]["accuracy"])]
+    evals = [(0, summary["eval_before"]["accuracy"])] if "eval_before" in summary else []   # not: a bare checkpoint
     evals += [(r["step"], r["eval"]["accuracy"]) for r in rows if "eval" in r]
     if "eval_after" in summary:
         evals.append((summary["steps"], summary["eval_after"]["accuracy"]))

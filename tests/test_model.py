@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import model as M  # noqa: E402
 import spg_min as S  # noqa: E402
 
@@ -182,6 +183,21 @@ def test_float32_head_gives_float32_logits_on_a_bf16_base():
     h = S.hidden_states(model, ids, attn)
     assert h.dtype == head.weight.dtype == head(h).dtype == torch.float32
     assert M.decoder_and_head(model)[0].layers[0].mlp.up_proj.weight.dtype == torch.bfloat16   # the body stays bf16
+
+
+def test_float32_head_of_a_tied_model_copies_the_head():
+    """A LLaDA config with weight_tying shares head and embedding: the head gets a float32 copy, the embedding
+    stays bf16 (casting the shared tensor broke the embedding lookup's dtype)."""
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    decoder, head = M.decoder_and_head(model)
+    assert head.weight is decoder.embed_tokens.weight
+    M.float32_head(model)
+    ids = torch.arange(6)[None]
+    h = S.hidden_states(model, ids, torch.ones_like(ids))
+    assert decoder.embed_tokens.weight.dtype == torch.bfloat16 and head(h).dtype == torch.float32
+    torch.testing.assert_close(head.weight, decoder.embed_tokens.weight.float())
 
 
 def write_llada_checkpoint(llama, folder):

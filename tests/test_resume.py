@@ -270,13 +270,53 @@ def test_same_seed_same_run(tmp_path, inproc):
     assert (a / "eval_generations.jsonl").read_text() == (b / "eval_generations.jsonl").read_text()
 
 
-def test_resume_from_an_earlier_checkpoint_replaces_the_later_ones(tmp_path, inproc, reference):
-    """--resume ckpt_000002 of a finished 4-step run redoes steps 3-4 over the old checkpoints, to the same run."""
+def test_resume_from_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path, inproc, reference):
+    """--resume ckpt_000002 of a finished 4-step run: ckpt 3 and 4 of that run move to superseded_*/, so a later
+    --resume auto cannot pick them up; redoing steps 3-4 gives the same run."""
     out = tmp_path / "run"
     inproc(out)
-    inproc(out, "--resume", str(out / "ckpt_000002"))
-    assert ckpts(out) == [f"ckpt_00000{i}" for i in (1, 2, 3, 4)]
+    old4 = state(out, 4)["model"]
+    inproc(out, "--resume", str(out / "ckpt_000002"), "--max-steps", "3")
+    aside, = out.glob("superseded_*")
+    assert ckpts(out) == ["ckpt_000001", "ckpt_000002", "ckpt_000003"]
+    assert S.latest_checkpoint(out).name == "ckpt_000003"
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_000003", "ckpt_000004"]
+    assert same_tensors(torch.load(aside / "ckpt_000004" / "state.pt", weights_only=False)["model"], old4)
+    inproc(out, "--max-steps", "4")                                 # --resume auto: from the new step 3
     assert_same_run(out, reference)
+
+
+def test_a_branch_keeps_its_origin_s_record_from_the_start(tmp_path, inproc, monkeypatch):
+    first, branch = tmp_path / "first", tmp_path / "branch"
+    inproc(first, "--max-steps", "3")
+    monkeypatch.setattr(S, "score_rewards", lambda *a: (_ for _ in ()).throw(Crash()))   # dies in its first step
+    with pytest.raises(Crash):
+        inproc(branch, "--max-steps", "3", "--resume", str(first / "ckpt_000002"))
+    before = json.loads((first / "summary.json").read_text())["eval_before"]
+    assert json.loads((branch / "summary.json").read_text())["eval_before"] == before
+
+
+def test_a_checkpoint_spelled_another_way_is_this_run_s(tmp_path, inproc, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    inproc(Path("run"), "--max-steps", "2")
+    inproc(Path("run"), "--max-steps", "3", "--resume", str(tmp_path / "run" / ".." / "run" / "ckpt_000002"))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_another_run_is_refused_into_a_run(tmp_path, inproc):
+    inproc(tmp_path / "a", "--max-steps", "1")
+    inproc(tmp_path / "b", "--max-steps", "1")
+    with pytest.raises(T.UsageError, match="holds another run than resume=.*pass a new --out to branch"):
+        inproc(tmp_path / "b", "--max-steps", "2", "--resume", str(tmp_path / "a" / "ckpt_000001"))
+
+
+def test_a_run_killed_before_its_first_step_leaves_no_log(tmp_path, inproc, monkeypatch):
+    """So `--resume none` can still start it over (the evaluation before RL is long for LLaDA)."""
+    monkeypatch.setattr(S, "evaluate", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        inproc(tmp_path / "run", "--max-steps", "1")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    S.check_out(S.parse_config(ARGS + ["--out", str(tmp_path / "run"), "--resume", "none"]))
 
 
 def test_a_restart_before_the_first_checkpoint_starts_the_log_over(tmp_path, inproc):
@@ -291,10 +331,10 @@ def test_a_restart_before_the_first_checkpoint_starts_the_log_over(tmp_path, inp
 def test_a_checkpoint_of_another_model_is_refused(tmp_path, inproc):
     out = tmp_path / "run"
     inproc(out, "--max-steps", "1")
-    (tmp_path / "other").mkdir()
-    torch.save({**state(out, 1), "model": {"lm_head.weight": torch.zeros(1)}}, tmp_path / "other" / "state.pt")
+    (out / "ckpt_000005").mkdir()                                    # --resume auto picks it up
+    torch.save({**state(out, 1), "model": {"lm_head.weight": torch.zeros(1)}}, out / "ckpt_000005" / "state.pt")
     with pytest.raises(T.UsageError, match="does not fit this model"):
-        inproc(out, "--resume", str(tmp_path / "other"))
+        inproc(out, "--max-steps", "6")
 
 
 def test_a_resumed_run_takes_the_new_learning_rate_and_says_so(tmp_path, inproc, capsys):
@@ -325,3 +365,16 @@ def test_a_resumed_spg_run_does_not_rebuild_the_warm_start(tmp_path, inproc):
     inproc(out, "--max-steps", "2", "--warm-start-steps", "2")
     assert not (out / "cache").exists()
     assert metrics(out) == metrics(whole) and same_tensors(state(out, 2)["model"], state(whole, 2)["model"])
+
+
+def test_a_bare_checkpoint_is_scored_at_its_step_not_as_before_rl(tmp_path, inproc):
+    """A checkpoint copied out of its run has no record of the model RL started from: the first evaluation is
+    eval_at_resume, never eval_before (which would be the score after some RL steps)."""
+    import shutil
+    inproc(tmp_path / "run", "--max-steps", "1")
+    shutil.copytree(tmp_path / "run" / "ckpt_000001", tmp_path / "bare" / "ckpt_000001")
+    summary = inproc(tmp_path / "new", "--max-steps", "2", "--resume", str(tmp_path / "bare" / "ckpt_000001"))
+    assert "eval_before" not in summary and summary["eval_at_resume"]["n"] == 8 and "eval_after" in summary
+    sys.path.insert(0, str(ROOT / "bench"))
+    import plot_curves
+    assert plot_curves.read_run(tmp_path / "new")[0] == [2]          # plots without an eval before RL

@@ -266,7 +266,10 @@ def test_the_prompts_boxed_placeholder_is_not_an_answer():
     assert tasks.get_task("gsm8k").score(echoed, {"question": "q", "answer": "18"}) == 1.0
     assert tasks.get_task("gsm8k").score(echoed.replace("{...}", "{}"), {"question": "q", "answer": "18"}) == 1.0
     assert tasks.get_task("gsm8k").score("<answer>\\boxed{...}</answer>", {"question": "q", "answer": "18"}) == 0.0
-    assert fns("gsm8k")["correctness"]("<answer>\\boxed{18} \\boxed{}</answer>", {"answer": "18"}) == 2.0
+    trailing = "<answer>\\boxed{18} \\boxed{...}</answer>"      # training rewards keep the reference's last box
+    assert fns("gsm8k")["correctness"](trailing, {"answer": "18"}) == 0.0
+    assert fns("math")["correctness"](trailing, {"answer": "18"}) == 0.0
+    assert tasks.get_task("math").score(trailing, {"answer": "18"}) == 1.0
     assert tasks.get_task("math").score(echoed.replace("18", "\\frac{1}{2}"), EXAMPLES["math"]) == 1.0
     assert tasks.get_task("countdown").score("\\boxed{30 + 93 - 100} \\boxed{\\ldots}", EXAMPLES["countdown"]) == 1.0
     assert tasks.last_answer_box("\\boxed{2} then \\boxed{3") is None and tasks.last_answer_box("\\boxed{}") is None
@@ -284,6 +287,7 @@ def test_a_unicode_minus_is_a_minus():
     score = tasks.get_task("gsm8k").score
     assert score("<answer>\u22125</answer>", {"answer": "5"}) == 0.0
     assert score("<answer>\u22125</answer>", {"answer": "-5"}) == 1.0
+    assert tasks.get_task("countdown").score("\\boxed{30 + 93 \u2212 100}", EXAMPLES["countdown"]) == 1.0
 
 
 @pytest.mark.parametrize("pred, gold, equal", [
