@@ -188,6 +188,7 @@ def float32_head(model):
     decoder.norm.float()
     if head.weight is decoder.embed_tokens.weight:  # tied: the head gets its own float32 copy, the embedding stays
         head.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=head.weight.requires_grad)
+        model.config.tie_word_embeddings = False   # or a later tie_weights() ties it back to the bf16 embedding
     else:
         head.float()
     return model

@@ -831,6 +831,36 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def in_run(ckpt: Path, out: Path) -> bool:
+    """True when checkpoint directory ckpt, however spelt (links followed), lies in run directory out."""
+    return ckpt.resolve().parent == out.resolve()
+
+
+def holds_run(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() or (out / "summary.json").exists() or any(out.glob("ckpt_*"))
+
+
+def supersede(out: Path, step: int) -> None:
+    """Before a run restarts at `step` below where it had got to (an earlier checkpoint, or step 0 over a log),
+    keep what the restart overwrites: its later checkpoints move, and copies of metrics.jsonl, summary.json and
+    eval_generations.jsonl go, into a new out/superseded_<k>/. Nothing is deleted."""
+    steps = {p: int(p.name[5:]) for p in out.glob("ckpt_*") if p.name[5:].isdigit()}
+    later = sorted(p for p, k in steps.items() if k > step)
+    recorded = json.loads((out / "summary.json").read_text()).get("steps", 0) if (out / "summary.json").exists() else 0
+    logged = step == 0 and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
+    if not (later or recorded > step or logged):
+        return
+    taken = [int(p.name[11:]) for p in out.glob("superseded_*") if p.name[11:].isdigit()]
+    aside = out / f"superseded_{1 + max(taken, default=0)}"
+    aside.mkdir()
+    for name in ("metrics.jsonl", "summary.json", "eval_generations.jsonl"):
+        if (out / name).exists():
+            shutil.copyfile(out / name, aside / name)
+    for p in later:
+        os.replace(p, aside / p.name)
+    print(f"the run in {out} had got further than step {step}: its record and later checkpoints are in {aside}")
+
+
 def load_tokenizer(cfg: Config):
     """(tokenizer, prompt style, special ids), checked before any model is loaded."""
     if cfg.model != "tiny" and not torch.cuda.is_available() and not Path(cfg.model).is_dir():
@@ -870,10 +900,9 @@ def check_out(cfg: Config) -> Path:
                            "with a directory")
     if not os.access(nearest, os.W_OK):
         raise T.UsageError(f"out={cfg.out} is not writable: pass --out with a writable directory")
-    holds_run = (out / "metrics.jsonl").exists() or (out / "summary.json").exists()
-    if cfg.resume == "none" and holds_run:
+    if cfg.resume == "none" and holds_run(out):
         raise T.UsageError(f"out={cfg.out} already holds a run: pass a new --out, or --resume auto to continue it")
-    if cfg.resume not in ("auto", "none") and holds_run and Path(cfg.resume).resolve().parent != out.resolve():
+    if cfg.resume not in ("auto", "none") and holds_run(out) and not in_run(Path(cfg.resume), out):
         raise T.UsageError(f"out={cfg.out} holds another run than resume={cfg.resume}: pass a new --out to branch "
                            "from that checkpoint")
     return out
@@ -902,7 +931,7 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
     """Load a checkpoint's weights, optimizer and RNG state; cut metrics.jsonl back to its step. The learning rate,
     Adam eps and weight decay are cfg's (a changed setting is printed). A checkpoint of another run directory
     branches it (into an --out that holds no run, check_out): its summary and its metrics up to the step are carried
-    over. Resuming an earlier checkpoint of this run moves the later ones into out/superseded_<time>/. UsageError
+    over. Resuming an earlier checkpoint of this run keeps what it overwrites (supersede). UsageError
     if it does not fit the model. Returns (its step, the run's summary with this config)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -920,18 +949,14 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
                if k not in ("out", "resume", "max_steps") and k in saved and saved[k] != v]
     if changed:
         print(f"resumed with a changed config: {', '.join(changed)}")
-    origin = ckpt.parent                                   # out, or another run this one branches off (check_out)
-    branch = origin.resolve() != out.resolve()
-    if branch and (origin / "metrics.jsonl").is_file():
+    origin = ckpt.resolve().parent                         # out, or another run this one branches off (check_out)
+    if in_run(ckpt, out):
+        supersede(out, step)
+    elif (origin / "metrics.jsonl").is_file():
         shutil.copyfile(origin / "metrics.jsonl", out / "metrics.jsonl")
-    later = [] if branch else sorted(p for p in out.glob("ckpt_*") if p.name > ckpt.name)  # the run before went
-    if later:                                                       # further: its later checkpoints move aside
-        aside = out / f"superseded_{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir(exist_ok=True)
-        for p in later:
-            os.replace(p, aside / p.name)
-        print(f"{', '.join(p.name for p in later)} of the run before moved to {aside}")
     summary = json.loads((origin / "summary.json").read_text()) if (origin / "summary.json").exists() else {}
+    for key in ("eval_after", "steps"):                    # the run's end is written again when it gets there
+        summary.pop(key, None)
     summary["config"] = dataclasses.asdict(cfg)            # e.g. a longer --max-steps than the run was started with
     kept = cut_metrics(out, step)
     summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
@@ -967,7 +992,8 @@ def train(cfg: Config) -> dict:
         print(f"resumed from {ckpt} (step {start_step} of {cfg.max_steps}"
               + ("; the run is complete: a larger --max-steps continues it)" if start_step >= cfg.max_steps else ")"))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))   # a branch keeps its origin's record
-    elif (out / "metrics.jsonl").exists():            # a fresh start: rows of a run killed before its first save go
+    elif (out / "metrics.jsonl").exists():            # a fresh start over a log (killed before its first save, or
+        supersede(out, 0)                             # its checkpoints deleted): the log is kept aside, then cut
         cut_metrics(out, 0)
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)
@@ -975,8 +1001,9 @@ def train(cfg: Config) -> dict:
         summary["eval_before"], _ = evaluate_now("eval before RL")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"held-out before RL: {summary['eval_before']}")
-    elif "eval_before" not in summary:                # a bare checkpoint: what RL started from is not known here
-        summary["eval_at_resume"], _ = evaluate_now(f"eval at step {start_step}")
+    elif "eval_before" not in summary and "eval_at_resume" not in summary:   # a bare checkpoint: RL's start unknown
+        scores, _ = evaluate_now(f"eval at step {start_step}")
+        summary["eval_at_resume"] = {"step": start_step, **scores}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"held-out at step {start_step} (resumed; before RL: not known): {summary['eval_at_resume']}")
     stop_signal = []                                  # a signal ends the run after the step in progress

@@ -144,6 +144,10 @@ def test_fresh_start_into_an_existing_run_is_refused(tmp_path, no_loading):
     with pytest.raises(ValueError, match="resume"):
         S.train(S.Config(task="sudoku", model="tiny", out=str(tmp_path), resume="none"))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'          # nothing lost
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "ckpt_000001").mkdir()                                           # checkpoints alone are a run too
+    with pytest.raises(ValueError, match="already holds a run"):
+        S.train(S.Config(task="sudoku", model="tiny", out=str(tmp_path), resume="none"))
 
 
 def test_a_refused_run_leaves_no_output_directory(tmp_path):

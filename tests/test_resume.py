@@ -280,7 +280,9 @@ def test_resume_from_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path, 
     aside, = out.glob("superseded_*")
     assert ckpts(out) == ["ckpt_000001", "ckpt_000002", "ckpt_000003"]
     assert S.latest_checkpoint(out).name == "ckpt_000003"
-    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_000003", "ckpt_000004"]
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_000003", "ckpt_000004", "eval_generations.jsonl",
+                                                       "metrics.jsonl", "summary.json"]
+    assert [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert same_tensors(torch.load(aside / "ckpt_000004" / "state.pt", weights_only=False)["model"], old4)
     inproc(out, "--max-steps", "4")                                 # --resume auto: from the new step 3
     assert_same_run(out, reference)
@@ -374,7 +376,25 @@ def test_a_bare_checkpoint_is_scored_at_its_step_not_as_before_rl(tmp_path, inpr
     inproc(tmp_path / "run", "--max-steps", "1")
     shutil.copytree(tmp_path / "run" / "ckpt_000001", tmp_path / "bare" / "ckpt_000001")
     summary = inproc(tmp_path / "new", "--max-steps", "2", "--resume", str(tmp_path / "bare" / "ckpt_000001"))
-    assert "eval_before" not in summary and summary["eval_at_resume"]["n"] == 8 and "eval_after" in summary
+    assert "eval_before" not in summary and summary["eval_at_resume"]["step"] == 1 and "eval_after" in summary
     sys.path.insert(0, str(ROOT / "bench"))
     import plot_curves
     assert plot_curves.read_run(tmp_path / "new")[0] == [2]          # plots without an eval before RL
+
+
+def test_links_and_restarts_never_lose_a_record(tmp_path, inproc):
+    """A link to a checkpoint of this run is this run (only the later checkpoints move aside), and a fresh start
+    over a log whose checkpoints were deleted keeps that log in superseded_*/."""
+    import shutil
+    out = tmp_path / "run"
+    inproc(out)
+    before = json.loads((out / "summary.json").read_text())["eval_before"]
+    (tmp_path / "best").symlink_to(out / "ckpt_000002")
+    inproc(out, "--resume", str(tmp_path / "best"), "--max-steps", "3")
+    assert ckpts(out) == ["ckpt_000001", "ckpt_000002", "ckpt_000003"]
+    assert json.loads((out / "summary.json").read_text())["eval_before"] == before
+    log = (out / "metrics.jsonl").read_text()
+    for ckpt in out.glob("ckpt_*"):
+        shutil.rmtree(ckpt)
+    inproc(out, "--max-steps", "1")                                  # starts over: the 3-step log is kept aside
+    assert (out / "superseded_2" / "metrics.jsonl").read_text() == log and len(metrics(out)) == 1
