@@ -826,14 +826,21 @@ def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in out.glob("ckpt_*") if (p / "state.pt").exists())
-    return done[-1] if done else None
-
-
 def in_run(ckpt: Path, out: Path) -> bool:
     """True when checkpoint directory ckpt, however spelt (links followed), lies in run directory out."""
     return ckpt.resolve().parent == out.resolve()
+
+
+def run_checkpoints(out: Path) -> dict[Path, int]:
+    """{checkpoint: step} of the run in out: its complete ckpt_NNNNNN directories (a link there to another run's
+    checkpoint, a ckpt_final copy or a half-written .tmp_ckpt_* is not one)."""
+    return {p: int(p.name[5:]) for p in out.glob("ckpt_*") if re.fullmatch(r"ckpt_\d{6}", p.name)
+            and in_run(p, out) and (p / "state.pt").exists()}
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = run_checkpoints(out)
+    return max(steps, key=steps.get) if steps else None
 
 
 def holds_run(out: Path) -> bool:
@@ -842,10 +849,9 @@ def holds_run(out: Path) -> bool:
 
 def supersede(out: Path, step: int) -> None:
     """Before a run restarts at `step` below where it had got to (an earlier checkpoint, or step 0 over a log),
-    keep what the restart overwrites: its later checkpoints move, and copies of metrics.jsonl, summary.json and
-    eval_generations.jsonl go, into a new out/superseded_<k>/. Nothing is deleted."""
-    steps = {p: int(p.name[5:]) for p in out.glob("ckpt_*") if p.name[5:].isdigit()}
-    later = sorted(p for p, k in steps.items() if k > step)
+    keep what the restart overwrites: its later checkpoints are moved, and metrics.jsonl, summary.json and
+    eval_generations.jsonl copied, into a new out/superseded_<k>/. Nothing is deleted."""
+    later = sorted(p for p, k in run_checkpoints(out).items() if k > step)
     recorded = json.loads((out / "summary.json").read_text()).get("steps", 0) if (out / "summary.json").exists() else 0
     logged = step == 0 and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
     if not (later or recorded > step or logged):

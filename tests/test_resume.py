@@ -398,3 +398,18 @@ def test_links_and_restarts_never_lose_a_record(tmp_path, inproc):
         shutil.rmtree(ckpt)
     inproc(out, "--max-steps", "1")                                  # starts over: the 3-step log is kept aside
     assert (out / "superseded_2" / "metrics.jsonl").read_text() == log and len(metrics(out)) == 1
+
+
+def test_resume_auto_takes_only_this_run_s_numbered_checkpoints(tmp_path, inproc):
+    """A link in out to another run's checkpoint and a ckpt_final copy are not this run's: --resume auto continues
+    from the run's own newest ckpt_NNNNNN, and an earlier-checkpoint resume's new step 3 is then the newest."""
+    import shutil
+    other, out = tmp_path / "other", tmp_path / "run"
+    inproc(other, "--max-steps", "5", "--seed", "7")
+    inproc(out, "--max-steps", "3")
+    (out / "ckpt_000005").symlink_to(other / "ckpt_000005")
+    shutil.copytree(out / "ckpt_000003", out / "ckpt_final")
+    assert S.latest_checkpoint(out).name == "ckpt_000003"
+    inproc(out, "--resume", str(out / "ckpt_000002"), "--max-steps", "3")
+    assert S.latest_checkpoint(out).name == "ckpt_000003" and (out / "superseded_1" / "ckpt_000003").is_dir()
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3] and metrics(out) != metrics(other)[:3]
