@@ -826,6 +826,15 @@ def save_checkpoint(out: Path, step: int, model, opt, cfg: Config) -> Path:
     return final
 
 
+def read_summary(run: Path) -> dict:
+    """A run directory's summary.json ({} where there is none)."""
+    return json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
 def in_run(ckpt: Path, out: Path) -> bool:
     """True when checkpoint directory ckpt, however spelt (links followed), lies in run directory out."""
     return ckpt.resolve().parent == out.resolve()
@@ -852,7 +861,7 @@ def supersede(out: Path, step: int) -> None:
     keep what the restart overwrites: its later checkpoints are moved, and metrics.jsonl, summary.json and
     eval_generations.jsonl copied, into a new out/superseded_<k>/. Nothing is deleted."""
     later = sorted(p for p, k in run_checkpoints(out).items() if k > step)
-    recorded = json.loads((out / "summary.json").read_text()).get("steps", 0) if (out / "summary.json").exists() else 0
+    recorded = read_summary(out).get("steps", 0)
     logged = step == 0 and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
     if not (later or recorded > step or logged):
         return
@@ -960,7 +969,7 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
         supersede(out, step)
     elif (origin / "metrics.jsonl").is_file():
         shutil.copyfile(origin / "metrics.jsonl", out / "metrics.jsonl")
-    summary = json.loads((origin / "summary.json").read_text()) if (origin / "summary.json").exists() else {}
+    summary = read_summary(origin)
     for key in ("eval_after", "steps"):                    # the run's end is written again when it gets there
         summary.pop(key, None)
     summary["config"] = dataclasses.asdict(cfg)            # e.g. a longer --max-steps than the run was started with
@@ -997,7 +1006,7 @@ def train(cfg: Config) -> dict:
     if ckpt:
         print(f"resumed from {ckpt} (step {start_step} of {cfg.max_steps}"
               + ("; the run is complete: a larger --max-steps continues it)" if start_step >= cfg.max_steps else ")"))
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))   # a branch keeps its origin's record
+        write_summary(out, summary)                   # a branch keeps its origin's record
     elif (out / "metrics.jsonl").exists():            # a fresh start over a log (killed before its first save, or
         supersede(out, 0)                             # its checkpoints deleted): the log is kept aside, then cut
         cut_metrics(out, 0)
@@ -1005,12 +1014,12 @@ def train(cfg: Config) -> dict:
                                          stop_ids=stop_ids, desc=desc)
     if "eval_before" not in summary and start_step == 0:
         summary["eval_before"], _ = evaluate_now("eval before RL")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_summary(out, summary)
         print(f"held-out before RL: {summary['eval_before']}")
     elif "eval_before" not in summary and "eval_at_resume" not in summary:   # a bare checkpoint: RL's start unknown
         scores, _ = evaluate_now(f"eval at step {start_step}")
         summary["eval_at_resume"] = {"step": start_step, **scores}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_summary(out, summary)
         print(f"held-out at step {start_step} (resumed; before RL: not known): {summary['eval_at_resume']}")
     stop_signal = []                                  # a signal ends the run after the step in progress
     handlers = {sig: signal.signal(sig, lambda *_: stop_signal.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1116,7 +1125,7 @@ def train(cfg: Config) -> dict:
     with open(out / "eval_generations.jsonl", "w") as f:
         f.writelines(json.dumps({**r, "example": ex}) + "\n" for r, ex in zip(rows, eval_set))  # ex: the puzzle
     summary["steps"] = cfg.max_steps
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(out, summary)
     print(f"held-out before RL: {summary.get('eval_before', 'not known')}\nheld-out after RL:  {summary['eval_after']}")
     return summary
 

@@ -167,11 +167,13 @@ def _box_content(text, start):
             return rest[1:i].strip()
     return None
 
+_BOX = re.compile(r"\\(?:boxed|fbox)")
+
 def last_boxed(text):
     """Content of the last \\boxed{...} (or \\fbox{...}) by a balanced-brace scan; `\\boxed 5$` gives `5` (B04).
 
     None when there is no box or the last one is unbalanced."""
-    found = list(re.finditer(r"\\(?:boxed|fbox)", text))
+    found = list(_BOX.finditer(text))
     return _box_content(text, found[-1].end()) if found else None
 
 PLACEHOLDER_BOXES = ("", "...", "\\ldots", "\\dots", "\u2026")  # the eval prompts' `\boxed{...}`, echoed, is no answer
@@ -181,7 +183,7 @@ def last_answer_box(text):
     reference GSM8K parser skips them), so `\\boxed{18} ... <answer>\\boxed{...}</answer>` reads 18.
 
     None when no box holds an answer or the last box is unbalanced."""
-    for box in reversed(list(re.finditer(r"\\(?:boxed|fbox)", text))):
+    for box in reversed(list(_BOX.finditer(text))):
         content = _box_content(text, box.end())
         if content not in PLACEHOLDER_BOXES:
             return content  # an answer, or None for an unbalanced box
@@ -287,6 +289,9 @@ def math_equal(pred, gold):
     except Exception:  # math-verify failed or timed out: the string comparison above decides
         return False
 
+def _math_gold(ex):
+    return str(ex.get("answer") or "").strip()
+
 def _math_pred(c, box=last_answer_box):
     """What MATH's eval reads: the last box holding an answer, else the answer tag (reference: the last box, even
     `\\boxed{...}`, else the whole text). The training reward reads with box=last_boxed (data.md 3.2)."""
@@ -294,7 +299,7 @@ def _math_pred(c, box=last_answer_box):
 
 def _math_correct(c, ex, box=last_boxed):
     """2.0 if the last \\boxed{} (else the answer tag) is equivalent to the gold answer."""
-    gold = str(ex.get("answer") or "").strip()
+    gold = _math_gold(ex)
     return (2.0 if math_equal(_math_pred(c, box), gold) else 0.0) if gold else _bad_gold("math")
 
 def _math_format(c, ex):
@@ -598,7 +603,7 @@ EVAL_FILE_FORMAT = {
     "sudoku": "a CSV with Puzzle and Solution columns of 16 digits (0 = empty), like shared/data/sudoku",
 }
 
-GOLD = {"gsm8k": _gsm8k_gold, "math": lambda ex: ex["answer"]}  # an eval row without a gold is left out
+GOLD = {"gsm8k": _gsm8k_gold, "math": _math_gold}  # an eval row without a gold is left out
 
 def load_eval(name, data_dir=None, *, eval_file=None, n=None, seed=0):
     """Evaluation examples of task `name` in file order; `n` draws a seeded random subset. Rows without a usable

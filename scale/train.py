@@ -175,7 +175,7 @@ def main(argv=None):
         log(f"held-out before RL: {summary['eval_before']}")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            S.write_summary(out, summary)
     stop_signal, nonfinite_in_a_row = [], 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_signal.append(1))
@@ -275,7 +275,7 @@ def main(argv=None):
             sys.exit(130)
     summary["eval_after"], summary["steps"] = evaluate("eval after RL"), cfg.max_steps
     if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        S.write_summary(out, summary)
     log(f"held-out before RL: {summary['eval_before']}\nheld-out after RL:  {summary['eval_after']}")
     dist.destroy_process_group()
 
