@@ -134,7 +134,8 @@ TASK_DEFAULTS = {  # paper App. G.2 and spg_spec.md (e): 6000/4000/6000/2500 opt
     "gsm8k": dict(max_steps=1500),
     "math": dict(max_steps=1000),
     "countdown": dict(max_steps=1500),
-    "sudoku": dict(max_steps=625, beta=1.0, temperature=0.3, max_prompt_length=1500),  # the 3-shot prompt (data.md 2.1)
+    "sudoku": dict(max_steps=625, beta=1.0, temperature=0.3, max_prompt_length=1500,   # the 3-shot prompt (data.md 2.1)
+                   micro_batch=1),   # its ~2,200-character prompt: 2 rows would need ~25 GB (bench/memory.py)
 }
 TINY_PRESET = dict(  # a ~1M-parameter model on 2 CPU cores; docs/results.md says how it was chosen
     gen_length=24, block_length=8, steps=12, num_prompts=16, group_size=6, mu=2, micro_batch=96,

@@ -51,6 +51,8 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--eval-n", type=int, default=256)
     p.add_argument("--cache-dir", default=".cache")
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help="supervised steps before the probe [the tiny preset's; --quick: 30]")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for the tests")
     a = p.parse_args(argv)
     if a.quick:
@@ -74,10 +76,9 @@ def main(argv=None):
     train = T.load_train("sudoku", seed=1)
     held_out = T.load_eval("sudoku", n=a.eval_n)
     base = S.load_model(cfg, len(tok))
-    if a.quick:
-        cfg.warm_start_steps = 30
+    cfg.warm_start_steps = a.warm_start_steps or (30 if a.quick else cfg.warm_start_steps)
     S.sft_warm_start(base, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
-                     path=Path(a.cache_dir) / "probe_quick.pt" if a.quick else None)
+                     path=Path(a.cache_dir) / f"probe_quick_{cfg.warm_start_steps}.pt" if a.quick else None)
     train_probe = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))]
     train_probe = train_probe[:a.eval_n]
 

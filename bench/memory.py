@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spg_min as S  # noqa: E402
 
 GB = 2**30
+# 4 bits per weight, plus double quantisation's constants: an 8-bit absmax per block of 64 weights and a float32
+# scale per block of 256 absmax values, 8/64 + 32/(64*256) = 0.127 bits per weight (QLoRA, arXiv 2305.14314, Sec. 3)
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 LLADA_8B_SHAPES = dict(d_model=4096, n_layers=32, mlp_hidden_size=12288, embedding_size=126464, n_heads=32)
 
 
@@ -37,7 +40,7 @@ def estimate(sh: dict, cfg: S.Config, prompt_length: int) -> dict:
     lora = n * cfg.lora_rank * ((d + d) * 3 + (d + f))            # q, k, v (d -> d) and up (d -> f)
     tokens = cfg.micro_batch * cfg.num_mc * (prompt_length + cfg.gen_length)
     return {
-        "NF4 weights (0.5 B + double-quant constants)": linear * (0.5 + 0.5 / 64 / 4) / GB,
+        "NF4 weights (0.5 B + double-quant constants)": linear * NF4_BYTES_PER_WEIGHT / GB,
         "embeddings + LM head (fp32 after k-bit preparation)": 2 * V * d * 4 / GB,
         "LoRA weights + grads + AdamW states (fp32)": lora * 4 * 4 / GB,
         "activations (34 B x d per token per layer, bf16)": 34 * d * tokens * n / GB,

@@ -15,6 +15,7 @@ The loop is spg_min.train's, built from its pure functions. What distribution ch
      only down to the largest number of active groups on any rank; the fillers add exactly 0;
   5. a step whose loss or gradient is not finite on ANY rank is skipped on every rank (B32);
   6. rank 0 gathers and writes checkpoints (trainable weights, optimizer, step) and logs; --resume continues.
+Bad input (--out, --eval-file, ...) stops every rank with the message and exit status 2.
 """
 import argparse
 import dataclasses
@@ -112,7 +113,7 @@ def main(argv=None):
     if shard == "fsdp" and four_bit:
         p.error("--shard fsdp cannot shard a 4-bit (bitsandbytes NF4) base: use --shard ddp, "
                 "or --load-in-4bit false to shard a bf16 base")
-    out = Path(cfg.out)
+    out = S.check_out(cfg)                            # writable (UsageError, exit 2, before any rank starts)
     latest = S.latest_checkpoint(out) if out.is_dir() else None
     if latest and not args.resume:
         p.error(f"{out} already holds {latest.name}: pass --resume to continue, or a fresh --out")
@@ -149,7 +150,10 @@ def main(argv=None):
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         S.use_settings(opt, cfg)                    # the command's lr, eps and weight decay, as spg_min
-        start_step, summary = state["step"], json.loads((out / "summary.json").read_text())
+        start_step, summary = state["step"], {**S.read_summary(out), "config": dataclasses.asdict(cfg),
+                                              "world_size": world, "shard": shard}
+        for key in ("eval_after", "steps"):         # a finished run extended: its end is written again at the end
+            summary.pop(key, None)
         if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG streams
             saved = state["torch_rng_per_rank"][rank]
             cpu_rng, cuda_rng = saved if isinstance(saved, (tuple, list)) else (saved, None)   # older: CPU only
@@ -159,7 +163,8 @@ def main(argv=None):
         if rank == 0:           # drop metrics rows logged after the checkpoint; the skip count goes on from there
             kept = S.cut_metrics(out, start_step)
             summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
-    elif rank == 0 and (out / "metrics.jsonl").exists():   # a run killed before its first save: start the log over
+    elif rank == 0 and (out / "metrics.jsonl").exists():   # a run killed before its first save: its log is kept
+        S.supersede(out, 0)                                 # aside in superseded_<k>/, then started over
         S.cut_metrics(out, 0)
 
     def evaluate(desc):
@@ -170,12 +175,15 @@ def main(argv=None):
         scores = all_gather(torch.tensor([r["score"] for r in rows], dtype=torch.float64), device)[:n]
         return T.aggregate(cfg.task, scores.tolist(), eval_set)
 
-    if "eval_before" not in summary:
+    if start_step == 0:
         summary["eval_before"] = evaluate("eval before RL")
         log(f"held-out before RL: {summary['eval_before']}")
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            S.write_summary(out, summary)
+    elif "eval_before" not in summary and "eval_at_resume" not in summary:   # a checkpoint without summary.json:
+        summary["eval_at_resume"] = {"step": start_step, **evaluate(f"eval at step {start_step}")}  # start unknown
+        log(f"held-out at step {start_step} (resumed; before RL: not known): {summary['eval_at_resume']}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        S.write_summary(out, summary)
     stop_signal, nonfinite_in_a_row = [], 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_signal.append(1))
@@ -276,9 +284,16 @@ def main(argv=None):
     summary["eval_after"], summary["steps"] = evaluate("eval after RL"), cfg.max_steps
     if rank == 0:
         S.write_summary(out, summary)
-    log(f"held-out before RL: {summary['eval_before']}\nheld-out after RL:  {summary['eval_after']}")
+    log(f"held-out before RL: {summary.get('eval_before', 'not known')}\nheld-out after RL:  {summary['eval_after']}")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except T.UsageError as err:                       # bad input (--out, --eval-file, ...): the message, exit 2
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"scale/train.py: error: {err}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)

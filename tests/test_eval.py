@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_eval.py
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,14 @@ def test_eval_writes_generations_and_table(tmp_path):
         task = tasks.get_task("sudoku")   # the logged answer is what the score read; the problems are training's
         assert all(r["answer"] == task.answer(r["completion"]) for r in rows)
         assert [r["example"] for r in rows] == tasks.load_eval("sudoku", n=6, seed=42)
+        assert [r["score"] for r in rows] == [task.score(r["completion"], r["example"]) for r in rows]
+        if length == 24:                  # the adapter was loaded: the seed-3 model's own greedy completions
+            import spg_min as S
+            cfg = S.Config(task="sudoku", gen_length=24, block_length=8, eval_batch=8)
+            ids = M.special_ids(tok)
+            _, own = S.evaluate(net.eval(), tok, task, [r["example"] for r in rows], cfg, style="tiny",
+                                mask_id=ids["mask"], stop_ids=(ids["eos"], ids["eot"]))
+            assert [r["completion"] for r in rows] == [r["completion"] for r in own]
     table = (tmp_path / "ev" / "results_sudoku.md").read_text().splitlines()
     assert table[0].startswith("| length | accuracy") and len(table) == 4
 
@@ -48,3 +57,37 @@ def test_bad_input_is_a_usage_error_before_the_model_loads(tmp_path):
         run = subprocess.run(base + extra, cwd=ROOT, timeout=120, capture_output=True, text=True)
         assert run.returncode == 2 and named in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert not (tmp_path / "ev").exists()
+
+
+def test_eval_scores_and_tabulates_known_answers(tmp_path, monkeypatch):
+    """eval.py end to end with decoding replaced by known completions: the even-numbered puzzles get their solution,
+    the others the puzzle itself (every empty cell wrong). Each logged score is task.score of its completion, and
+    the table holds the accuracy computed by hand: the solved puzzles' empty cells over all empty cells (the
+    paper's cell accuracy), and half the puzzles solved."""
+    import eval as E
+    import spg_min as S
+    tok = M.tiny_tokenizer()
+    ids = M.special_ids(tok)
+    examples = tasks.load_eval("sudoku", n=6, seed=42)
+    answer = {ex["puzzle"]: ex["solution"] if i % 2 == 0 else ex["puzzle"] for i, ex in enumerate(examples)}
+
+    def known_completions(model, prompt_ids, attention_mask, *, gen_length, **kw):
+        rows = []
+        for prompt in prompt_ids:
+            puzzle = re.findall(r"[0-4]{16}", tok.decode(prompt, skip_special_tokens=True))[-1]
+            text = tok(f"<answer>\n{answer[puzzle]}\n</answer>", add_special_tokens=False)["input_ids"]
+            rows.append(text + [ids["eos"]] * (gen_length - len(text)))
+        return torch.cat([prompt_ids, torch.tensor(rows)], 1)
+
+    monkeypatch.setattr(S, "generate", known_completions)
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--task", "sudoku", "--model", "tiny", "--gen-lengths", "24",
+                                      "--block-length", "8", "--n", "6", "--out", str(tmp_path)])
+    E.main()
+    rows = [json.loads(line) for line in (tmp_path / "generations_sudoku_24.jsonl").read_text().splitlines()]
+    assert [r["example"] for r in rows] == examples
+    assert [r["score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert [r["answer"] for r in rows] == [answer[ex["puzzle"]] for ex in examples]
+    empty = [ex["puzzle"].count("0") for ex in examples]
+    accuracy = 100 * sum(empty[0::2]) / sum(empty)
+    table = (tmp_path / "results_sudoku.md").read_text().splitlines()
+    assert table[2] == f"| 24 | {accuracy:.2f} | 50.00 | 6 |", table

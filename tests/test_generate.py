@@ -124,3 +124,33 @@ def test_temperature_samples_from_tempered_softmax():
     expected = torch.softmax(logits[:3] / T, -1)
     assert counts[3] == 0                                          # the mask token is never proposed
     assert torch.allclose(counts[:3] / 4000, expected, atol=0.03)
+
+
+def test_sampled_confidence_is_the_untempered_probability(tiny, monkeypatch):
+    """At T = 0.5 each step's confidence is softmax(logits)[sampled token] (LLaDA's low-confidence remasking
+    scores the untempered distribution), recomputed here from the decoder's input at that step; the tempered
+    probability, which differs at T = 0.5, is not what orders the commits."""
+    net, tok, mask_id = tiny
+    ids, attn = S.encode_prompts(tok, ["Sudoku 0310200404001043", "hi"])
+    captured, commit = [], S.commit_tokens
+    def recording_commit(block, proposal, confidence, k, mask_id):
+        captured.append((proposal.clone(), confidence.clone()))
+        return commit(block, proposal, confidence, k, mask_id)
+    monkeypatch.setattr(S, "commit_tokens", recording_commit)
+    seen, handle = record_inputs(net)
+    S.generate(net, ids, attn, gen_length=16, block_length=8, steps=8, temperature=0.5, mask_id=mask_id,
+               generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert len(seen) == len(captured) == 8
+    P, differs = ids.shape[1], 0
+    for step, (x, (proposal, confidence)) in enumerate(zip(seen, captured)):
+        lo = P + 8 * (step // 4)
+        with torch.no_grad():
+            logits = net.lm_head(S.hidden_states(net, x, torch.cat([attn, torch.ones(2, 16, dtype=attn.dtype)], 1)))
+        logits = logits[:, lo:lo + 8].float()
+        logits[..., mask_id] = -float("inf")
+        untempered = logits.softmax(-1).gather(-1, proposal[..., None])[..., 0]
+        tempered = (logits / 0.5).softmax(-1).gather(-1, proposal[..., None])[..., 0]
+        assert torch.allclose(confidence, untempered, atol=1e-5)
+        differs += not torch.allclose(confidence, tempered, atol=1e-3)
+    assert differs == 8

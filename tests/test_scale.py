@@ -26,6 +26,11 @@ sys.path.insert(0, {str(REPO)!r})
 import spg_min as S, tasks as T
 varied = lambda text, ex: (zlib.crc32(text.encode()) % 101) / 100      # stand-in reward, differs by completion
 T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("varied", varied, 1.0),))
+if os.environ.get("LEARNABLE"):                                        # the fraction of "1"s, on a small model
+    import model as M
+    ones = lambda text, ex: text.count("1") / max(len(text), 1)
+    T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("ones", ones, 1.0),))
+    S.load_model = lambda cfg, vocab: M.tiny_model(vocab, hidden_size=32, num_layers=2, seed=1)
 if os.environ.get("NAN_AT"):                                           # "rank:n": that rank's n-th loss is NaN
     rank, n = map(int, os.environ["NAN_AT"].split(":"))
     calls, spg_loss = [0], S.spg_loss
@@ -136,6 +141,16 @@ def test_one_step_same_for_one_and_two_ranks(tmp_path, shim):
             assert metrics(tmp_path / name)[0][key] == pytest.approx(metrics(tmp_path / "1")[0][key], rel=1e-5), key
 
 
+def test_two_ranks_raise_a_learnable_reward(tmp_path, shim):
+    """The distributed loop climbs a reward a policy learns quickly (the fraction of "1" characters) on a small
+    model: a flipped sign, or advantages paired with other completions, on any rank make it fall."""
+    out = tmp_path / "learn"
+    torchrun(tmp_path, 2, "--max-steps", "20", "--num-prompts", "4", "--group-size", "8", "--lr", "1e-2",
+             "--save-every", "100", "--out", str(out), script=shim, env={"LEARNABLE": "1"})
+    rewards = [row["reward/mean"] for row in metrics(out)]
+    assert rewards[0] < 0.05 and sum(rewards[-3:]) / 3 > 0.3, rewards
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, shim):
     """Stopped after step 2 and resumed with --resume: weights and optimizer at step 4 equal an unbroken run."""
     torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(tmp_path / "full"), script=shim)
@@ -146,6 +161,33 @@ def test_resume_matches_uninterrupted_run(tmp_path, shim):
     exp_avg = lambda s: {k: v["exp_avg"] for k, v in s["optimizer"]["state"].items()}
     assert max_diff(exp_avg(full_state), exp_avg(cut_state)) < 1e-6
     assert [row["step"] for row in metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["config"]["max_steps"] == 4 and summary["steps"] == 4     # the command's config, not step 2's
+
+
+def test_bad_input_is_a_usage_error(tmp_path):
+    """An eval file of another format stops every rank with the loader's message and exit 2, not a traceback."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("foo,bar\n1,2\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(REPO / "scale" / "train.py"), *TINY, "--eval-file", str(bad), "--out", str(tmp_path / "r")],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    assert f"scale/train.py: error: --eval-file {bad} is not a sudoku file" in proc.stderr
+    assert "UsageError" not in proc.stderr
+
+
+def test_a_fresh_start_keeps_a_killed_runs_log(tmp_path):
+    """--out holds a log but no checkpoint (killed before its first save): the old log goes to superseded_1/ and
+    the new run's log starts at step 1."""
+    out = tmp_path / "run"
+    out.mkdir()
+    old_rows = [{"step": 1, "reward/mean": 0.5}, {"step": 2, "reward/mean": 0.25}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    torchrun(tmp_path, 1, "--max-steps", "1", "--out", str(out))
+    assert [json.loads(l) for l in (out / "superseded_1" / "metrics.jsonl").read_text().splitlines()] == old_rows
+    assert [row["step"] for row in metrics(out)] == [1] and metrics(out)[0]["reward/mean"] != 0.5
 
 
 def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, shim):

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import model as M
 import spg_min as S
 import tasks as T
 
@@ -306,6 +307,48 @@ def test_sequence_bounds_score_only_the_real_completion_tokens_b17():
     assert bound() != before
 
 
+
+def test_sequence_bounds_eubo_by_hand_with_a_token_no_sample_masks():
+    """The EUBO of sequence_bounds, m = 2, beta 1.5, t given: with l_k the log-prob of token k from a MASK input,
+    token 0 (masked in sample 0 only) gives (1/b) log((1/2) e^(b l0) / 0.5) = l0; token 1 (masked in both) gives
+    (1/b) log((1/2)(e^(b l1) / 0.5 + e^(b l1) / 0.25)) = l1 + log(3) / b; token 2, the EOS, is masked in no sample
+    and left out, the sum rescaled by n / n_valid = 3 / 2 (Cor. 1). ELBO = ((l0 + l1) / 0.5 + l1 / 0.25) / 2. The
+    post-EOS position, masked in both samples, counts in neither bound."""
+    gen = torch.Generator().manual_seed(1)
+    P, Lg, V, eos, mask_id, beta = 3, 4, 8, 6, 7, 1.5
+    seqs = torch.tensor([[1, 2, 3, 5, 4, eos, 2]])                          # completion [5, 4, EOS, 2]
+    attn, c = torch.ones_like(seqs), S.completion_mask(seqs[:, P:], (eos,))
+    masked = torch.tensor([[[0, 0, 0, 1, 1, 0, 1], [0, 0, 0, 0, 1, 0, 1]]], dtype=torch.bool)   # [B=1, m=2, L]
+    t = torch.tensor([[0.5, 0.25]])
+    stub = _PositionwiseStub(P + Lg, V, gen)
+    bounds = lambda: [b.item() for b in S.sequence_bounds(stub, seqs, attn, c, masked, t, beta=beta, mask_id=mask_id)]
+    with torch.no_grad():
+        logp = torch.log_softmax(stub.lm_head(stub.model.emb.weight[mask_id] + stub.model.pos[P:]), -1)
+    l0, l1 = logp[0, 5].item(), logp[1, 4].item()
+    elbo_b, eubo_b = bounds()
+    assert elbo_b == pytest.approx(((l0 + l1) / 0.5 + l1 / 0.25) / 2, abs=1e-5)
+    assert eubo_b == pytest.approx((l0 + l1 + math.log(3) / beta) * 3 / 2, abs=1e-5)
+    with torch.no_grad():
+        stub.model.pos[P + 3] -= 5.0                                        # the post-EOS position's logits
+    assert bounds() == pytest.approx([elbo_b, eubo_b], abs=1e-6)
+
+
+def test_masked_prompt_tokens_are_hidden_from_the_model():
+    """masked_logprobs on the tiny (attending) model: a prompt token the forward process masked is replaced by MASK,
+    so changing it changes nothing; changing a prompt token it left clean changes the completion's log-probs."""
+    tok = M.tiny_tokenizer()
+    net, mask_id = M.tiny_model(len(tok), seed=0).eval(), M.special_ids(tok)["mask"]
+    seqs = torch.tensor([tok("Sudoku 1234 <answer>\n2143\n</answer>")["input_ids"]])   # [1, L]
+    L, Lg = seqs.shape[1], 10
+    masked = torch.zeros(1, 2, L, dtype=torch.bool)
+    masked[:, :, L - Lg:L - Lg + 4] = True                                  # 4 completion tokens in both samples
+    masked[:, 0, 3] = True                                                  # prompt token 3 hidden in sample 0 only
+    logp = lambda s: S.masked_logprobs(net, s, torch.ones_like(s), masked, mask_id=mask_id, Lg=Lg)
+    with torch.no_grad():
+        before, after = logp(seqs), logp(torch.cat([seqs[:, :3], seqs[:, 3:4] + 1, seqs[:, 4:]], 1))
+    assert torch.equal(before[:, 0], after[:, 0])                            # hidden: no change
+    assert not torch.allclose(before[:, 1], after[:, 1], atol=1e-4)         # seen: the log-probs move
+
 # ---------------------------------------------------------------- d1's diffu-GRPO baseline (spg_spec.md (g))
 
 def d1_by_hand(logp, old, ref, adv, c, eps, beta):
@@ -409,3 +452,17 @@ def test_group_members_share_masks_and_groups_differ():
     alone = torch.stack([S.block_forward_process(c[:2], 0, m=1, block_length=4, p_mask_prompt=0.1, generator=gen_b)[0]
                          for _ in range(3000)]).float().mean(0)
     assert torch.allclose(shared, alone, atol=0.04)
+
+
+def test_reward_text_ends_at_the_first_stop_token():
+    """decode_completions gives the reward functions the completion up to its first EOS, special tokens dropped:
+    a solved grid followed by EOS and a wrong grid scores 1.0, not the wrong grid's credit."""
+    tok = M.tiny_tokenizer()
+    eos = M.special_ids(tok)["eos"]
+    ex = T.load_eval("sudoku", n=1, seed=42)[0]
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    right, wrong = f"<answer>\n{ex['solution']}\n</answer>", f"<answer>\n{ex['puzzle']}\n</answer>"
+    comp = torch.tensor([encode(right) + [eos] + encode(wrong)])
+    c = S.completion_mask(comp, (eos,))
+    assert S.decode_completions(tok, comp, c) == [right]
+    assert T.get_task("sudoku").reward(right, ex) == 1.0 and T.get_task("sudoku").reward(wrong, ex) == 0.0

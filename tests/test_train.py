@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_train.py
 """
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -169,16 +170,19 @@ def test_main_job_end_to_end_smoke(tmp_path):
     assert len(generations) == 16 and all(len(g["example"]["puzzle"]) == 16 for g in generations)   # tied to puzzles
 
 
-def test_train_d1_two_steps(tmp_path, monkeypatch):
-    """`--estimator d1` through train(): old and reference log-probs, clipped ratio and KL, 2 steps x mu 2. The
-    reward is the completion's length (a 3-step warm start solves nothing), so that advantages are not all 0."""
+@pytest.mark.parametrize("mu", [1, 2])
+def test_train_d1_two_steps(tmp_path, monkeypatch, mu):
+    """`--estimator d1` through train(): old and reference log-probs, clipped ratio and KL, 2 steps x mu. The
+    reward is the completion's length (a 3-step warm start solves nothing), so that advantages are not all 0.
+    With mu 1 the KL logged at step 1 is 0 (the policy is still the reference) and at step 2 it is not: the
+    reference is the model as RL started, not the rollout policy of the step (which would give 0 again)."""
     def by_length(task, texts, examples):
         r = torch.tensor([len(t) / 30 for t in texts], dtype=torch.float64)
         return r[:, None], r, 0
     monkeypatch.setattr(S, "score_rewards", by_length)
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--estimator", "d1", "--out", str(tmp_path),
                           "--max-steps", "2", "--warm-start-steps", "3", "--eval-n", "8", "--eval-every", "0",
-                          "--num-prompts", "2", "--cache-dir", str(tmp_path / "cache")])
+                          "--num-prompts", "2", "--cache-dir", str(tmp_path / "cache"), "--mu", str(mu)])
     assert (cfg.num_mc, cfg.masking, cfg.d1_epsilon, cfg.d1_beta_kl) == (1, "d1", 0.5, 0.04)
     summary = S.train(cfg)
     assert summary["steps"] == 2 and summary["eval_after"]["n"] == 8
@@ -187,7 +191,9 @@ def test_train_d1_two_steps(tmp_path, monkeypatch):
     for r in rows:
         assert 0 <= r["d1/clip_frac"] <= 1 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
         assert "bound/elbo" not in r and r["reward/frac_zero_adv_groups"] < 1
-    assert rows[1]["d1/kl"] > 0          # step 1's updates moved the policy away from the frozen reference
+    assert rows[1]["d1/kl"] > 1e-6       # step 1's updates moved the policy away from the frozen reference
+    if mu == 1:
+        assert rows[0]["d1/kl"] < 1e-8   # step 1 scores the reference itself
 
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "llada_tiny"
@@ -345,3 +351,21 @@ def test_warm_start_cache_is_per_training_set(tmp_path, monkeypatch):
     gsm8k = [name(S.parse_config(["--task", "gsm8k", "--model", "tiny", "--out", str(tmp_path), "--data-dir",
                                   str(tmp_path / folder)])) for folder in "abc"]
     assert gsm8k[0] != gsm8k[1] and gsm8k[0] == gsm8k[2]
+
+
+@pytest.mark.parametrize("estimator", ["mix", "elbo"])
+def test_train_raises_a_learnable_reward(tmp_path, monkeypatch, estimator):
+    """train() itself, top to bottom, climbs a reward a policy can learn quickly (the fraction of "1" characters in
+    the completion text), on a small model from scratch: a flipped sign or advantages paired with the wrong
+    completions anywhere in the loop make it fall. The Sudoku puzzles are the prompts; the reward ignores them."""
+    ones = lambda text, ex: text.count("1") / max(len(text), 1)
+    monkeypatch.setitem(S.T.TASKS, "sudoku", dataclasses.replace(S.T.TASKS["sudoku"], reward_funcs=(("ones", ones, 1.0),)))
+    monkeypatch.setattr(S, "load_model", lambda cfg, vocab: M.tiny_model(vocab, hidden_size=32, num_layers=2, seed=1))
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path), "--estimator", estimator,
+                          "--max-steps", "20", "--warm-start-steps", "0", "--eval-n", "8", "--eval-every", "0",
+                          "--num-prompts", "4", "--group-size", "8", "--gen-length", "8", "--block-length", "4",
+                          "--steps", "4", "--mu", "1", "--lr", "1e-2", "--save-every", "100"])
+    S.train(cfg)
+    rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rewards[0] < 0.05
+    assert sum(rewards[-3:]) / 3 > 0.3, rewards
