@@ -833,7 +833,9 @@ def read_summary(run: Path) -> dict:
 
 
 def write_summary(out: Path, summary: dict) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    """summary.json written whole: to a temporary name, then renamed (a reader never sees half a file)."""
+    (out / ".summary.json.tmp").write_text(json.dumps(summary, indent=1))
+    os.replace(out / ".summary.json.tmp", out / "summary.json")
 
 
 def in_run(ckpt: Path, out: Path) -> bool:

@@ -76,7 +76,8 @@ def main(argv=None):
     train = T.load_train("sudoku", seed=1)
     held_out = T.load_eval("sudoku", n=a.eval_n)
     base = S.load_model(cfg, len(tok))
-    cfg.warm_start_steps = a.warm_start_steps or (30 if a.quick else cfg.warm_start_steps)
+    if a.warm_start_steps is not None or a.quick:
+        cfg.warm_start_steps = a.warm_start_steps if a.warm_start_steps is not None else 30
     S.sft_warm_start(base, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
                      path=Path(a.cache_dir) / f"probe_quick_{cfg.warm_start_steps}.pt" if a.quick else None)
     train_probe = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))]

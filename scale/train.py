@@ -15,7 +15,8 @@ The loop is spg_min.train's, built from its pure functions. What distribution ch
      only down to the largest number of active groups on any rank; the fillers add exactly 0;
   5. a step whose loss or gradient is not finite on ANY rank is skipped on every rank (B32);
   6. rank 0 gathers and writes checkpoints (trainable weights, optimizer, step) and logs; --resume continues.
-Bad input (--out, --eval-file, ...) stops every rank with the message and exit status 2.
+Bad input (--out, --eval-file, ...) stops each rank with the message and exit status 2 (torchrun then reports
+exitcode 2 and exits 1).
 """
 import argparse
 import dataclasses
@@ -181,6 +182,7 @@ def main(argv=None):
     elif "eval_before" not in summary and "eval_at_resume" not in summary:   # a checkpoint without summary.json:
         summary["eval_at_resume"] = {"step": start_step, **evaluate(f"eval at step {start_step}")}  # start unknown
         log(f"held-out at step {start_step} (resumed; before RL: not known): {summary['eval_at_resume']}")
+    dist.barrier()                                    # every rank has read summary.json before rank 0 rewrites it
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         S.write_summary(out, summary)
@@ -292,8 +294,6 @@ if __name__ == "__main__":
     try:
         main()
     except T.UsageError as err:                       # bad input (--out, --eval-file, ...): the message, exit 2
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"scale/train.py: error: {err}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        print(f"scale/train.py: error{f' [rank {rank}]' if rank else ''}: {err}", file=sys.stderr)  # every rank:
+        sys.exit(2)                                   # torchrun may stop the others before they get to print

@@ -94,6 +94,10 @@ def test_presets_and_flag_precedence():
     assert cfg.max_prompt_length == 64                                      # preset > task
     assert (cfg.load_in_4bit, cfg.lora_rank) == (False, 0)                  # summary.json records what ran
     assert S.parse_config(["--task", "sudoku"]).max_prompt_length == 1500   # the 3-shot prompt fits
+    assert S.parse_config(["--task", "sudoku"]).micro_batch == 1            # ... in 24 GB (bench/memory.py)
+    assert S.parse_config(["--task", "sudoku", "--micro-batch", "3"]).micro_batch == 3
+    assert S.parse_config(["--task", "sudoku", "--model", "tiny"]).micro_batch == 96     # preset > task
+    assert S.parse_config(["--task", "gsm8k"]).micro_batch == 2
     cfg = S.parse_config(["--task", "gsm8k"])
     assert cfg.max_prompt_length == 512 and cfg.gen_length == 256 and cfg.block_length == 32 and cfg.steps == 128 and cfg.beta == 1.5
     assert S.parse_config(["--task", "countdown", "--estimator", "eubo"]).beta == 2.0   # App. G.2's exception

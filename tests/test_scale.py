@@ -1,6 +1,6 @@
 """scale/train.py on 2 CPU ranks (gloo): smoke runs, rank-count invariance (B31), exact resume, NaN skip (B32).
 
-Run: python -m pytest -q tests/test_scale.py   (CPU, about 2 min on 2 cores; 9 torchrun launches)
+Run: python -m pytest -q tests/test_scale.py   (CPU, about 3 min on 2 cores; 13 torchrun launches)
 Each test starts `torchrun --standalone` in a subprocess with a timeout, so a rank that hangs fails the test.
 The untrained tiny model never earns a Sudoku reward in 8 tokens, so the numeric tests start the script through
 a small shim (written to tmp_path) that swaps in a reward that differs between completions (non-zero advantages),
@@ -8,6 +8,7 @@ and, for the NaN test, makes one rank's loss NaN. scale/train.py itself carries 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,10 +146,10 @@ def test_two_ranks_raise_a_learnable_reward(tmp_path, shim):
     """The distributed loop climbs a reward a policy learns quickly (the fraction of "1" characters) on a small
     model: a flipped sign, or advantages paired with other completions, on any rank make it fall."""
     out = tmp_path / "learn"
-    torchrun(tmp_path, 2, "--max-steps", "20", "--num-prompts", "4", "--group-size", "8", "--lr", "1e-2",
+    torchrun(tmp_path, 2, "--max-steps", "30", "--num-prompts", "4", "--group-size", "8", "--lr", "1e-2",
              "--save-every", "100", "--out", str(out), script=shim, env={"LEARNABLE": "1"})
     rewards = [row["reward/mean"] for row in metrics(out)]
-    assert rewards[0] < 0.05 and sum(rewards[-3:]) / 3 > 0.3, rewards
+    assert rewards[0] < 0.05 and sum(rewards[-3:]) / 3 > 0.5, rewards
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, shim):
@@ -166,15 +167,16 @@ def test_resume_matches_uninterrupted_run(tmp_path, shim):
 
 
 def test_bad_input_is_a_usage_error(tmp_path):
-    """An eval file of another format stops every rank with the loader's message and exit 2, not a traceback."""
+    """An eval file of another format stops the ranks with the loader's message and exit 2, not a traceback."""
     bad = tmp_path / "bad.csv"
     bad.write_text("foo,bar\n1,2\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "scale" / "train.py"), *TINY, "--eval-file", str(bad), "--out", str(tmp_path / "r")],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
-    assert f"scale/train.py: error: --eval-file {bad} is not a sudoku file" in proc.stderr
+    assert re.search(rf"scale/train.py: error( \[rank 1\])?: --eval-file {re.escape(str(bad))} is not a sudoku file",
+                     proc.stderr), proc.stderr[-2000:]
     assert "UsageError" not in proc.stderr
 
 

@@ -362,10 +362,10 @@ def test_train_raises_a_learnable_reward(tmp_path, monkeypatch, estimator):
     monkeypatch.setitem(S.T.TASKS, "sudoku", dataclasses.replace(S.T.TASKS["sudoku"], reward_funcs=(("ones", ones, 1.0),)))
     monkeypatch.setattr(S, "load_model", lambda cfg, vocab: M.tiny_model(vocab, hidden_size=32, num_layers=2, seed=1))
     cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path), "--estimator", estimator,
-                          "--max-steps", "20", "--warm-start-steps", "0", "--eval-n", "8", "--eval-every", "0",
+                          "--max-steps", "30", "--warm-start-steps", "0", "--eval-n", "8", "--eval-every", "0",
                           "--num-prompts", "4", "--group-size", "8", "--gen-length", "8", "--block-length", "4",
                           "--steps", "4", "--mu", "1", "--lr", "1e-2", "--save-every", "100"])
     S.train(cfg)
     rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rewards[0] < 0.05
-    assert sum(rewards[-3:]) / 3 > 0.3, rewards
+    assert rewards[0] < 0.05                   # seeds 0-7: the last 3 steps average 0.93-1.0 (mix); mutations: ~0
+    assert sum(rewards[-3:]) / 3 > 0.5, rewards
