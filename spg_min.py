@@ -638,7 +638,12 @@ def generate(model, prompt_ids, attention_mask, *, gen_length, block_length, ste
 # Plumbing: prompts, rewards, evaluation, checkpoints. Side effects live here and in train(), not above.
 
 def make_generator(seed: int, *parts: int, device="cpu") -> torch.Generator:
-    """One generator per (seed, step, inner iteration, purpose): the one place seeds are derived."""
+    """One generator per (seed, step, inner iteration, purpose): the one place seeds are derived.
+
+    The key is (seed, parts...) read as digits p + 1 in base 1,000,003, so the keys one run draws (parts >= -1,
+    a fixed number of parts per purpose) are all distinct, and so are those of runs with seeds >= 1. Seed 0 has a
+    leading zero digit: its run's keys are other seeds' at other steps ((0, 0, 2, 0) is (1, 2, 0)), so compare
+    seeds from 1 (tests/test_spg.py::test_make_generator_gives_every_key_of_a_run_its_own_stream)."""
     key = seed
     for p in parts:
         key = (key * 1_000_003 + p + 1) % (2**63 - 1)

@@ -113,6 +113,17 @@ def test_a_tokenizer_that_names_no_mask_token_gets_llada_s(tmp_path):
     assert S.load_tokenizer(S.Config(model=str(tmp_path)))[2]["mask"] == 107
 
 
+def test_a_saved_right_padding_tokenizer_loads_left_padded(tmp_path):
+    """Prompts are left-padded whatever the tokenizer files say, so a batch's completions start at one column."""
+    tok = M.tiny_tokenizer()
+    tok.padding_side = "right"
+    tok.save_pretrained(tmp_path)
+    loaded = M.load_tokenizer(tmp_path)
+    assert loaded.padding_side == "left"
+    ids, attn = S.encode_prompts(loaded, ["a", "abc"])
+    assert attn[0].tolist()[:2] == [0, 0] and attn[0, -1] == 1 and attn[1].all()
+
+
 @needs_fixture
 def test_fixture_tokenizer_ids_fit_the_fixture_model():
     cfg = json.loads((LLADA_TINY / "config.json").read_text())
@@ -198,6 +209,8 @@ def test_float32_head_of_a_tied_model_copies_the_head():
     h = S.hidden_states(model, ids, torch.ones_like(ids))
     assert decoder.embed_tokens.weight.dtype == torch.bfloat16 and head(h).dtype == torch.float32
     torch.testing.assert_close(head.weight, decoder.embed_tokens.weight.float())
+    model.tie_weights()                                   # as from_pretrained / peft may call it later
+    assert M.decoder_and_head(model)[1].weight.dtype == torch.float32
 
 
 def write_llada_checkpoint(llama, folder):
@@ -263,6 +276,11 @@ def test_fixture_4bit_lora_trains_saves_and_reloads(tmp_path):
     model = M.add_lora(base, gradient_checkpointing=True)
     adapted = [n for n, m in model.named_modules() if n.endswith("lora_A")]
     assert len(adapted) == 3 * len(M.LORA_TARGETS_PAPER)
+    paper = {f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                  "self_attn.v_proj", "mlp.up_proj")}   # spg_spec (h)9
+    assert {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n in adapted} == paper
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (128, 64, 0.05)   # the paper's (train.yaml)
     before = base_snapshot(model)
     train_one_step(model, ids, mask_id=M.special_ids(M.load_tokenizer(LLADA_TINY))["mask"])
     assert_lora_trained(model, before)

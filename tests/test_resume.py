@@ -288,6 +288,19 @@ def test_resume_from_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path, 
     assert_same_run(out, reference)
 
 
+def test_a_finished_run_whose_last_checkpoints_are_gone_keeps_its_record(tmp_path, inproc):
+    """The run's summary says it got to step 4, its checkpoints 3 and 4 were deleted: --resume auto restarts at
+    step 2 and first copies the step-4 summary and log to superseded_1/."""
+    out = tmp_path / "run"
+    inproc(out)
+    for step in (3, 4):
+        __import__("shutil").rmtree(out / f"ckpt_{step:06d}")
+    inproc(out, "--max-steps", "3")
+    aside = out / "superseded_1"
+    assert json.loads((aside / "summary.json").read_text())["steps"] == 4
+    assert [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_a_branch_keeps_its_origin_s_record_from_the_start(tmp_path, inproc, monkeypatch):
     first, branch = tmp_path / "first", tmp_path / "branch"
     inproc(first, "--max-steps", "3")
@@ -339,12 +352,27 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, inproc):
         inproc(out, "--max-steps", "6")
 
 
+def test_resume_restores_the_global_rng(tmp_path):
+    """LoRA dropout draws from the global RNG: resume_run puts back the stream a checkpoint saved."""
+    tok = M.tiny_tokenizer()
+    net = M.tiny_model(len(tok), hidden_size=16, num_layers=1, seed=0)
+    opt = torch.optim.AdamW(net.parameters())
+    cfg = S.Config(task="sudoku", model="tiny")
+    torch.manual_seed(5)
+    ckpt = S.save_checkpoint(tmp_path, 1, net, opt, cfg)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    S.resume_run(ckpt, ckpt.parent, net, opt, cfg)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_a_resumed_run_takes_the_new_learning_rate_and_says_so(tmp_path, inproc, capsys):
     out = tmp_path / "run"
     inproc(out, "--max-steps", "1")
-    inproc(out, "--max-steps", "2", "--lr", "1e-4")
+    inproc(out, "--max-steps", "2", "--lr", "1e-4", "--adam-eps", "1e-4", "--weight-decay", "0.05")
     assert "resumed with a changed config: lr 0.001 -> 0.0001" in capsys.readouterr().out
-    assert [g["lr"] for g in state(out, 2)["optimizer"]["param_groups"]] == [1e-4]
+    groups = state(out, 2)["optimizer"]["param_groups"]
+    assert [(g["lr"], g["eps"], g["weight_decay"]) for g in groups] == [(1e-4, 1e-4, 0.05)]
     assert [r["lr"] for r in metrics(out)] == [1e-3, 1e-4]
 
 

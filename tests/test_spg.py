@@ -454,6 +454,27 @@ def test_group_members_share_masks_and_groups_differ():
     assert torch.allclose(shared, alone, atol=0.04)
 
 
+def run_keys(seed, steps=range(201), ranks=8):
+    """The seeds of every generator one run draws: train()'s (step, 0 | 1 | 2, it), scale/'s per-group (step, 1, j)
+    and (step, 2, it, j), and scale/'s dropout stream per rank (-1, rank)."""
+    purposes = [(0,), (1,), *[(2, it) for it in range(4)], *[(1, j) for j in range(8)],
+                *[(2, it, j) for it in range(4) for j in range(8)]]
+    return [S.make_generator(seed, step, *p).initial_seed() for step in steps for p in purposes] + \
+        [S.make_generator(seed, -1, rank).initial_seed() for rank in range(ranks)]
+
+
+def test_make_generator_gives_every_key_of_a_run_its_own_stream():
+    """Within a run no two generators share a stream (step 2's rollout order is not step 1's masks, ...), and runs
+    with seeds >= 1 share none either (seed 43 is not seed 42 shifted by a step). Seed 0's keys are those of other
+    seeds at other steps (make_generator's docstring): its own run is still collision-free."""
+    for seed in (0, 1, 42):
+        keys = run_keys(seed)
+        assert len(set(keys)) == len(keys), seed
+    keys = [k for seed in range(1, 5) for k in run_keys(seed)]
+    assert len(set(keys)) == len(keys)
+    assert S.make_generator(0, 0, 2, 0).initial_seed() == S.make_generator(1, 2, 0).initial_seed()   # seed 0
+
+
 def test_reward_text_ends_at_the_first_stop_token():
     """decode_completions gives the reward functions the completion up to its first EOS, special tokens dropped:
     a solved grid followed by EOS and a wrong grid scores 1.0, not the wrong grid's credit."""

@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_tasks.py   (CPU only, well under a minute)
 Tests on the real files need ../shared/data beside the checkout and skip with a reason when it is absent.
 """
+import collections
 import csv
 import itertools
 import json
@@ -88,6 +89,9 @@ def test_sudoku_training_puzzles():
     few_shot_grids = {re.search(r"<answer>\n(\d{16})", s).group(1) for s in tasks.SUDOKU_FEWSHOT}
     assert few_shot_grids <= {r["solution"] for r in rows}  # forced into the training grids, as in SPG
     assert {16 - r["puzzle"].count("0") for r in rows} == set(tasks.SUDOKU_CLUES)
+    clues = collections.Counter(16 - r["puzzle"].count("0") for r in rows)     # the published mix (data.md 1.5)
+    for k, count in tasks.SUDOKU_CLUES.items():
+        assert abs(clues[k] / len(rows) - count / 256) < 0.015, (k, clues[k])
     for r in rows:
         assert all(p in ("0", s) for p, s in zip(r["puzzle"], r["solution"]))
         assert tasks.sudoku_completions(r["puzzle"]) == 1
@@ -99,6 +103,7 @@ def test_sudoku_training_puzzles():
 def test_sudoku_published_eval_set_gets_full_reward():
     rows, task = tasks.load_eval("sudoku"), tasks.get_task("sudoku")
     assert len(rows) == 256 and rows[0] == EXAMPLES["sudoku"]
+    assert collections.Counter(16 - ex["puzzle"].count("0") for ex in rows) == tasks.SUDOKU_CLUES
     for ex in rows:
         assert count_solutions(ex["puzzle"]) == 1 and ex["puzzle"] not in tasks.SUDOKU_FEWSHOT_PUZZLES
         assert task.reward(tasks.target_completion("sudoku", ex, style="paper"), ex) == 1.0
@@ -137,6 +142,8 @@ def test_sudoku_reward_and_score():
     assert reward("<answer>" + "1" + half[1:3] + "1" + half[4:6] + "1" + half[7:] + "</answer>", ex) == 5 / 8
     assert reward("<answer>4312 2134\n3421 1243</answer>", ex) == 1.0  # digits only
     assert reward("<answer>0000</answer> then <answer>" + half + "</answer>", ex) == 1.0  # the last pair
+    assert score("<answer>0000000000000000</answer> then <answer>" + half + "</answer>", ex) == 1.0   # eval: the last
+    assert score("<answer>" + half + "</answer> then <answer>0000000000000000</answer>", ex) == 0.0   # too
     assert reward("<answer>" + half, ex) == 0.0 and score("<answer>" + half, ex) == 1.0  # cut off: score reads it
     assert reward("<answer>" + half + "9999</answer>", ex) == 1.0  # cut to 16
     assert score("so the grid is 4312213434211243.", ex) == 1.0 and score("no answer", ex) == 0.0
@@ -145,6 +152,27 @@ def test_sudoku_reward_and_score():
     assert score("<answer>1000</answer>", four_empty) == 0.25
     assert tasks.aggregate("sudoku", [1.0, 0.25], [ex, four_empty]) == pytest.approx(  # micro-average over cells
         {"accuracy": 100 * (8 + 1) / (8 + 4), "solved": 50.0, "n": 2})
+
+
+@needs_data
+def test_eval_subset_is_a_seeded_random_draw():
+    """--n draws a random subset of the whole set, the same for the same seed: no duplicates, not the first rows."""
+    full = tasks.load_eval("gsm8k")
+    a, b = (tasks.load_eval("gsm8k", n=32, seed=s) for s in (0, 1))
+    for subset in (a, b):
+        assert len(subset) == 32 and all(ex in full for ex in subset)
+        assert len({full.index(ex) for ex in subset}) == 32
+    assert a != b and a == tasks.load_eval("gsm8k", n=32, seed=0) and a != full[:32]
+    assert max(full.index(ex) for ex in a) > len(full) // 2       # drawn from the whole file
+
+
+def test_countdown_reward_reads_only_a_closed_answer():
+    """The training reward reads the last <answer>...</answer> pair (TinyZero's `<answer>(.*?)</answer>`): an
+    answer cut off before </answer> earns nothing, the same text closed earns 1.0."""
+    reward, ex = tasks.get_task("countdown").reward, EXAMPLES["countdown"]
+    assert reward("<answer>\n30 + 93 - 100\n</answer>", ex) == 1.0
+    assert reward("<answer>\n30 + 93 - 100", ex) == 0.0
+    assert reward("<answer>\n30 + 93 - 100\n</answer> <answer>\n30 + 93", ex) == 1.0   # the last closed pair
 
 
 def test_sudoku_prompts():
@@ -172,6 +200,15 @@ def test_prompt_constants_match_data_md():
     assert inline("- Countdown `SYS`") == tasks.COUNTDOWN_EVAL_SYS
     math_train = re.search(r'- MATH: `SYSTEM_PROMPT \+ "(.*?)" \+ problem`', doc).group(1).replace("\\n", "\n")
     assert tasks.build_prompt("math", {"problem": "P"}) == tasks.SYSTEM_PROMPT + math_train + "P"
+    countdown = re.search(r'- Countdown: `SYSTEM_PROMPT \+ "(.*?)" \+ str\(nums\) \+ "(.*?)" \+ str\(target\) \+ "(.*?)"`',
+                          doc).groups()
+    ex = EXAMPLES["countdown"]
+    assert tasks.build_prompt("countdown", ex) == tasks.SYSTEM_PROMPT + (
+        countdown[0] + str(ex["nums"]) + countdown[1] + str(ex["target"]) + countdown[2]).replace("\\n", "\n")
+    eval_sep = re.search(r'User content = `SYS \+ "(.*?)" \+ question`', doc).group(1).replace("\\n", "\n")
+    for name, sys_prompt, ex, question in [("gsm8k", tasks.GSM8K_EVAL_SYS, {"question": "Q", "answer": "1"}, "Q"),
+                                           ("math", tasks.MATH_EVAL_SYS, {"problem": "P", "answer": "1"}, "P")]:
+        assert tasks.build_prompt(name, ex, split="eval") == sys_prompt + eval_sep + question   # data.md 2.2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ def test_main_job_end_to_end_smoke(tmp_path):
     assert len(list((tmp_path / "cache").glob("warm_*.pt"))) == 1
     generations = [json.loads(line) for line in (tmp_path / "eval_generations.jsonl").read_text().splitlines()]
     assert len(generations) == 16 and all(len(g["example"]["puzzle"]) == 16 for g in generations)   # tied to puzzles
+    assert [g["example"] for g in generations] == S.T.load_eval("sudoku", n=16, seed=42)   # the run's seed draws them
 
 
 @pytest.mark.parametrize("mu", [1, 2])
