@@ -59,6 +59,13 @@ def main():
     p.add_argument("--eval-file", default=None, help="evaluate on this file instead of the published test set")
     p.add_argument("--out", default="runs/eval", help="[%(default)s]")
     args = p.parse_args()
+    for length in args.gen_lengths:                   # in eval.py's own flags (validate() below names Config fields)
+        blocks = length // args.block_length if args.block_length > 0 else 0
+        if length < 1 or blocks < 1 or length % args.block_length or (length // 2) % blocks:
+            p.error(f"--gen-lengths {length} with --block-length {args.block_length}: each length must be a multiple "
+                    "of the block length, and half of it (the decoding steps) a multiple of the number of blocks")
+    if args.batch < 1:
+        p.error(f"--batch {args.batch}: decode at least 1 problem at a time")
     cfg0 = S.Config(task=args.task, model=args.model, eval_batch=args.batch, block_length=args.block_length,
                     eval_file=args.eval_file)
     configs = [S.Config(**{**vars(cfg0), "gen_length": length, "steps": length // 2}) for length in args.gen_lengths]
@@ -67,7 +74,7 @@ def main():
             S.validate(cfg)
         if args.adapter and not (Path(args.adapter) / "state.pt").is_file():
             raise T.UsageError(f"--adapter {args.adapter} holds no state.pt: pass a checkpoint directory of a run")
-    except ValueError as err:                         # validate() names the Config field (eval_batch is --batch)
+    except ValueError as err:                         # validate() names the Config field
         p.error(str(err))
     try:
         tok, style, ids = S.load_tokenizer(cfg0)

@@ -50,7 +50,9 @@ def test_bad_input_is_a_usage_error_before_the_model_loads(tmp_path):
     the problem named, no traceback, no output folder."""
     base = [sys.executable, str(ROOT / "eval.py"), "--task", "sudoku", "--model", "tiny", "--block-length", "8",
             "--out", str(tmp_path / "ev")]
-    for extra, named in [(["--gen-lengths", "16", "12"], "gen_length=12 must be a multiple of block_length=8"),
+    for extra, named in [(["--gen-lengths", "16", "12"], "--gen-lengths 12 with --block-length 8: each length must"),
+                         (["--gen-lengths", "8", "--block-length", "1"], "--gen-lengths 8 with --block-length 1"),
+                         (["--batch", "0"], "--batch 0: decode at least 1"),
                          (["--eval-file", str(tmp_path / "absent.csv")], "is not a file"),
                          (["--adapter", str(tmp_path)], "holds no state.pt"),
                          (["--n", "0"], "--n 0: pass a number")]:
