@@ -193,6 +193,17 @@ def test_ablation_run_done_only_at_its_length(tmp_path):
     assert not A.is_done(tmp_path, 20) and not A.is_done(tmp_path / "absent", 20)
 
 
+def test_ablation_seeds_are_distinct_runs_and_the_threshold_is_inclusive(tmp_path):
+    """Each seed 1..N is its own run (its own --seed and folder); "steps to +gain" counts an evaluation that lands
+    exactly on the threshold."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ablation as A
+    args = A.parse_args(["--seeds", "3", "--out", str(tmp_path)])
+    configs = [A.config_for("sudoku", "mix", s, args) for s in (1, 2, 3)]
+    assert [c.seed for c in configs] == [1, 2, 3] and len({c.out for c in configs}) == 3
+    assert A.steps_to_reach([(0, 50.0), (25, 55.0)], 55.0) == 25 and A.steps_to_reach([(0, 50.0)], 55.0) is None
+
+
 def test_ablation_summary_hand_computed():
     """bench/ablation.py's per-config numbers on two hand-made seeds."""
     sys.path.insert(0, str(ROOT / "bench"))

@@ -181,6 +181,11 @@ def test_help_gives_each_flag_its_config_comment_and_the_two_runs(capsys):
     assert "python spg_min.py --task sudoku --model tiny --out runs/demo" in text
 
 
+def test_bool_flags_read_the_usual_spellings():
+    for text, value in [("1", True), ("true", True), ("Yes", True), ("0", False), ("false", False), ("no", False)]:
+        assert S.parse_config(["--load-in-4bit", text]).load_in_4bit is value, text
+
+
 def test_bool_flags_refuse_typos():
     assert S.parse_config(["--load-in-4bit", "false"]).load_in_4bit is False
     assert S.parse_config(["--load-in-4bit", "YES"]).load_in_4bit is True

@@ -2,6 +2,8 @@
 
 Run: python -m pytest -q tests/test_generate.py
 """
+import types
+
 import pytest
 import torch
 
@@ -154,3 +156,46 @@ def test_sampled_confidence_is_the_untempered_probability(tiny, monkeypatch):
         assert torch.allclose(confidence, untempered, atol=1e-5)
         differs += not torch.allclose(confidence, tempered, atol=1e-3)
     assert differs == 8
+
+
+def test_random_remasking_commits_in_the_generators_uniform_order(tiny):
+    """remasking="random": each step commits the k still-masked positions with the highest uniform draws of the
+    passed generator (the draws reproduced here), not the model's most confident ones."""
+    net, tok, mask_id = tiny
+    ids, attn = S.encode_prompts(tok, ["abc", "de"])
+    P = ids.shape[1]
+    seen, handle = record_inputs(net)
+    out = S.generate(net, ids, attn, gen_length=8, block_length=8, steps=4, temperature=0.0, remasking="random",
+                     mask_id=mask_id, generator=torch.Generator().manual_seed(3))
+    handle.remove()
+    draws, masked = torch.Generator().manual_seed(3), torch.ones(2, 8, dtype=torch.bool)
+    for after in seen[1:] + [out]:
+        u = torch.rand(2, 8, generator=draws).masked_fill(~masked, -1.0)      # [B, bl] this step's scores
+        chosen = torch.zeros(2, 8, dtype=torch.bool).scatter(1, u.topk(2, -1).indices, True)
+        assert torch.equal((after[:, P:] != mask_id) & masked, chosen)
+        masked &= ~chosen
+
+
+class _SureOnceCommitted(torch.nn.Module):
+    """Hidden state 1 at a committed position, 0 at a masked one: committed positions are sure of token 0
+    (p ~ 1), masked ones never reach p 0.9."""
+    def __init__(self, mask_id):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.forward = lambda input_ids, attention_mask=None, position_ids=None: types.SimpleNamespace(
+            last_hidden_state=(input_ids != mask_id).float()[..., None])
+        sure, unsure = torch.tensor([9.0, 0, 0, 0, 0]), torch.tensor([1.0, 0.9, 0.8, 0, 0])
+        self.lm_head = lambda h: torch.where(h == 1, sure, unsure)
+
+
+def test_threshold_counts_only_masked_positions():
+    """Fast-dLLM's threshold adds the MASKED positions above it: committed ones (here p ~ 1) must not count, so
+    with no masked position ever above 0.9 the block takes the schedule's 4 steps and decodes as without it."""
+    mask_id, calls = 4, []
+    net = _SureOnceCommitted(mask_id)
+    ids, attn = torch.tensor([[1]]), torch.ones(1, 1, dtype=torch.long)
+    kw = dict(gen_length=4, block_length=4, steps=4, temperature=0.0, mask_id=mask_id)
+    real_forward = net.model.forward
+    net.model.forward = lambda *a, **k: (calls.append(1), real_forward(*a, **k))[1]
+    out = S.generate(net, ids, attn, threshold=0.9, **kw)
+    assert len(calls) == 4 and torch.equal(out, S.generate(net, ids, attn, **kw))

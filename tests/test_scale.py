@@ -1,6 +1,6 @@
 """scale/train.py on 2 CPU ranks (gloo): smoke runs, rank-count invariance (B31), exact resume, NaN skip (B32).
 
-Run: python -m pytest -q tests/test_scale.py   (CPU, about 3 min on 2 cores; 13 torchrun launches)
+Run: python -m pytest -q tests/test_scale.py   (CPU, about 3 min on 2 cores; 16 torchrun launches)
 Each test starts `torchrun --standalone` in a subprocess with a timeout, so a rank that hangs fails the test.
 The untrained tiny model never earns a Sudoku reward in 8 tokens, so the numeric tests start the script through
 a small shim (written to tmp_path) that swaps in a reward that differs between completions (non-zero advantages),
@@ -11,11 +11,14 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+
+import tasks as T
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--task", "sudoku", "--model", "tiny", "--num-prompts", "2", "--group-size", "3", "--gen-length", "8",
@@ -27,6 +30,19 @@ sys.path.insert(0, {str(REPO)!r})
 import spg_min as S, tasks as T
 varied = lambda text, ex: (zlib.crc32(text.encode()) % 101) / 100      # stand-in reward, differs by completion
 T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("varied", varied, 1.0),))
+if os.environ.get("EVAL_BY_PUZZLE"):                                   # eval credit known per puzzle
+    T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], score_fn=lambda text, ex: (zlib.crc32(
+        ex["puzzle"].encode()) % 101) / 100)
+if os.environ.get("ONE_ACTIVE"):                                       # only global prompt 0 of step 0 varies
+    load_train_set, loaded = S.load_train_set, {{}}
+    def remember(cfg, tok, style):
+        loaded["set"] = load_train_set(cfg, tok, style)
+        return loaded["set"]
+    S.load_train_set = remember
+    def one_active(text, ex):
+        first = int(torch.randperm(len(loaded["set"]), generator=S.make_generator(1, 0, 0))[0])   # seed 1, step 0
+        return varied(text, ex) if ex is loaded["set"][first] else 0.5
+    T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("one", one_active, 1.0),))
 if os.environ.get("LEARNABLE"):                                        # the fraction of "1"s, on a small model
     import model as M
     ones = lambda text, ex: text.count("1") / max(len(text), 1)
@@ -150,6 +166,29 @@ def test_two_ranks_raise_a_learnable_reward(tmp_path, shim):
              "--save-every", "100", "--out", str(out), script=shim, env={"LEARNABLE": "1"})
     rewards = [row["reward/mean"] for row in metrics(out)]
     assert rewards[0] < 0.05 and sum(rewards[-3:]) / 3 > 0.5, rewards
+
+
+def test_eval_on_two_ranks_scores_each_problem_once_in_order(tmp_path, shim):
+    """7 held-out problems on 2 ranks (4 + 3, the last padded): the result is the aggregate of each problem's own
+    credit, as one process computes it."""
+    out = tmp_path / "eval"
+    torchrun(tmp_path, 2, "--max-steps", "1", "--eval-n", "7", "--seed", "1", "--out", str(out), script=shim,
+             env={"EVAL_BY_PUZZLE": "1"})
+    problems = T.load_eval("sudoku", n=7, seed=1)
+    expected = T.aggregate("sudoku", [(zlib.crc32(ex["puzzle"].encode()) % 101) / 100 for ex in problems], problems)
+    assert json.loads((out / "summary.json").read_text())["eval_after"] == pytest.approx(expected)
+
+
+def test_zero_advantage_groups_fill_in_without_dropping_active_ones(tmp_path, shim):
+    """One active group of 4 (3 with all-equal rewards): rank 0 holds it and rank 1 none, so rank 1 runs a
+    filler. The step equals the one-rank step, and that one did train (its gradient is not 0)."""
+    for name, ranks in (("one", 1), ("two", 2)):
+        torchrun(tmp_path, ranks, "--max-steps", "1", "--num-prompts", "4", "--seed", "1", "--lr", "1e-4",
+                 "--out", str(tmp_path / name), script=shim, env={"ONE_ACTIVE": "1"})
+    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert one["reward/frac_zero_adv_groups"] == 0.75 and one["grad_norm"] > 0
+    assert max_diff(weights(tmp_path / "two", 1)[0], weights(tmp_path / "one", 1)[0]) < 1e-5
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, shim):

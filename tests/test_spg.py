@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q tests/test_spg.py
 """
+import json
 import math
 import types
 import warnings
@@ -473,6 +474,19 @@ def test_make_generator_gives_every_key_of_a_run_its_own_stream():
     keys = [k for seed in range(1, 5) for k in run_keys(seed)]
     assert len(set(keys)) == len(keys)
     assert S.make_generator(0, 0, 2, 0).initial_seed() == S.make_generator(1, 2, 0).initial_seed()   # seed 0
+
+
+def test_non_finite_values_are_missing_rewards_and_null_metrics():
+    """An infinite reward counts as missing (0), as NaN does, so advantages stay finite (B13); metrics.jsonl writes
+    inf, -inf and NaN as null (strict JSON). A near-tie below 1e-6 is rounding: advantage exactly 0 (B12)."""
+    task = types.SimpleNamespace(reward_funcs=(("r", lambda text, ex: ex, 1.0),))
+    with pytest.warns(UserWarning, match="every reward function failed"):
+        _, total, missing = S.score_rewards(task, ["a", "b", "c"], [float("inf"), float("-inf"), 1.0])
+    assert total.tolist() == [0.0, 0.0, 1.0] and missing == 2
+    line = S.metrics_line({"loss": float("inf"), "g": float("-inf"), "n": float("nan"), "ok": 1.5})
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON {c}")) == {"loss": None, "g": None,
+                                                                                         "n": None, "ok": 1.5}
+    assert S.group_advantages(torch.tensor([0.0, 5e-7]), torch.zeros(2, dtype=torch.long)).tolist() == [0.0, 0.0]
 
 
 def test_reward_text_ends_at_the_first_stop_token():

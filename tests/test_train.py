@@ -370,3 +370,30 @@ def test_train_raises_a_learnable_reward(tmp_path, monkeypatch, estimator):
     rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rewards[0] < 0.05                   # seeds 0-7: the last 3 steps average 0.93-1.0 (mix); mutations: ~0
     assert sum(rewards[-3:]) / 3 > 0.5, rewards
+
+
+def test_warm_start_targets_and_loss(tmp_path, monkeypatch):
+    """encode_targets: the solution's tokens, EOS-padded to Lg (cut when longer). sft_step scores every one of the
+    Lg positions (the EOS padding is what the model learns to stop with) and its loss is the ELBO per token,
+    -sum(ELBO) / (batch * Lg)."""
+    tok = M.tiny_tokenizer()
+    ids = M.special_ids(tok)
+    ex = {"puzzle": "3014002020004130", "solution": "3214142323414132"}
+    solution = tok(S.T.target_completion("sudoku", ex, style="tiny"), add_special_tokens=False)["input_ids"]
+    padded = S.encode_targets(tok, "sudoku", [ex], gen_length=len(solution) + 5, eos_id=ids["eos"], style="tiny")
+    assert padded[0].tolist() == solution + [ids["eos"]] * 5
+    cut = S.encode_targets(tok, "sudoku", [ex], gen_length=len(solution) - 3, eos_id=ids["eos"], style="tiny")
+    assert cut[0].tolist() == solution[:-3]
+    net = M.tiny_model(len(tok), seed=0)
+    cfg = S.parse_config(["--task", "sudoku", "--model", "tiny", "--out", str(tmp_path)])
+    examples, opt, gen = S.warm_start_setup(net, tok, cfg, "tiny")
+    seen, bounds = {}, S.sequence_bounds
+    def recording_bounds(model, seqs, attn, c, masked, t, **kw):
+        elbo_b, eubo_b = bounds(model, seqs, attn, c, masked, t, **kw)
+        seen.update(c=c, elbo=elbo_b.detach())
+        return elbo_b, eubo_b
+    monkeypatch.setattr(S, "sequence_bounds", recording_bounds)
+    loss = S.sft_step(net, opt, tok, examples, "sudoku", gen_length=cfg.gen_length, style="tiny",
+                      mask_id=ids["mask"], eos_id=ids["eos"], generator=gen)
+    assert seen["c"].shape == (S.WARM_START_BATCH, cfg.gen_length) and seen["c"].all()
+    assert float(loss) == pytest.approx(-seen["elbo"].sum().item() / (S.WARM_START_BATCH * cfg.gen_length), rel=1e-6)
