@@ -243,6 +243,8 @@ def test_ablation_bench_quick(tmp_path, monkeypatch):
     paper = {(r[0].strip(), r[1].strip()): r[7].strip() for r in rows}
     assert paper[("sudoku", "mix")] == "90.0" and paper[("countdown", "mix-random")] == "62.8"
     assert paper[("sudoku", "eubo-random")] == "-"                # Table 4 has no Sudoku rows
+    change = {(r[0].strip(), r[1].strip()): r[8].strip() for r in rows}   # vs LLaDA-8B-Instruct's Table 1 average
+    assert change[("sudoku", "mix")] == f"{90.0 - (5.7 + 27.7 + 26.2) / 3:+.1f}" == "+70.1"
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
     config = lambda task, name: json.loads((tmp_path / task / name / "seed1" / "summary.json").read_text())["config"]
     assert (config("sudoku", "d1")["estimator"], config("sudoku", "d1")["masking"]) == ("d1", "d1")
