@@ -936,6 +936,21 @@ def metrics_line(row: dict) -> str:
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}) + "\n"
 
 
+def start_log_over(out: Path) -> None:
+    """A fresh start over a log (a run killed before its first save, or its checkpoints deleted): the log is kept
+    aside (supersede), then cut."""
+    if (out / "metrics.jsonl").exists():
+        supersede(out, 0)
+        cut_metrics(out, 0)
+
+
+def resumed_summary(run: Path, cfg: Config) -> dict:
+    """The summary a resumed run goes on with: run's record without its end (eval_after and steps are written
+    again when it gets there), with this command's config (e.g. a longer --max-steps)."""
+    summary = {k: v for k, v in read_summary(run).items() if k not in ("eval_after", "steps")}
+    return {**summary, "config": dataclasses.asdict(cfg)}
+
+
 def cut_metrics(out: Path, step: int) -> list[str]:
     """Drop the metrics.jsonl rows logged after `step` (a resumed run logs them again); returns the rows kept."""
     path = out / "metrics.jsonl"
@@ -977,10 +992,7 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
         supersede(out, step)
     elif (origin / "metrics.jsonl").is_file():
         shutil.copyfile(origin / "metrics.jsonl", out / "metrics.jsonl")
-    summary = read_summary(origin)
-    for key in ("eval_after", "steps"):                    # the run's end is written again when it gets there
-        summary.pop(key, None)
-    summary["config"] = dataclasses.asdict(cfg)            # e.g. a longer --max-steps than the run was started with
+    summary = resumed_summary(origin, cfg)
     kept = cut_metrics(out, step)
     summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
     return step, summary
@@ -1015,9 +1027,8 @@ def train(cfg: Config) -> dict:
         print(f"resumed from {ckpt} (step {start_step} of {cfg.max_steps}"
               + ("; the run is complete: a larger --max-steps continues it)" if start_step >= cfg.max_steps else ")"))
         write_summary(out, summary)                   # a branch keeps its origin's record
-    elif (out / "metrics.jsonl").exists():            # a fresh start over a log (killed before its first save, or
-        supersede(out, 0)                             # its checkpoints deleted): the log is kept aside, then cut
-        cut_metrics(out, 0)
+    else:
+        start_log_over(out)
     evaluate_now = lambda desc: evaluate(model, tok, task, eval_set, cfg, style=style, mask_id=mask_id,
                                          stop_ids=stop_ids, desc=desc)
     if "eval_before" not in summary and start_step == 0:

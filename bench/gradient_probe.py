@@ -56,6 +56,7 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for the tests")
     a = p.parse_args(argv)
     if a.quick:
+        a.warm_start_steps = 30 if a.warm_start_steps is None else a.warm_start_steps
         a.num_batches, a.num_prompts, a.group_size, a.eval_n, a.sft_steps, a.etas = 2, 4, 4, 16, 2, "0.05"
     return a
 
@@ -76,8 +77,8 @@ def main(argv=None):
     train = T.load_train("sudoku", seed=1)
     held_out = T.load_eval("sudoku", n=a.eval_n)
     base = S.load_model(cfg, len(tok))
-    if a.warm_start_steps is not None or a.quick:
-        cfg.warm_start_steps = a.warm_start_steps if a.warm_start_steps is not None else 30
+    if a.warm_start_steps is not None:
+        cfg.warm_start_steps = a.warm_start_steps
     S.sft_warm_start(base, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
                      path=Path(a.cache_dir) / f"probe_quick_{cfg.warm_start_steps}.pt" if a.quick else None)
     train_probe = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))]

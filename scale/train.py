@@ -151,10 +151,7 @@ def main(argv=None):
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         S.use_settings(opt, cfg)                    # the command's lr, eps and weight decay, as spg_min
-        start_step, summary = state["step"], {**S.read_summary(out), "config": dataclasses.asdict(cfg),
-                                              "world_size": world, "shard": shard}
-        for key in ("eval_after", "steps"):         # a finished run extended: its end is written again at the end
-            summary.pop(key, None)
+        start_step, summary = state["step"], {**S.resumed_summary(out, cfg), "world_size": world, "shard": shard}
         if len(state.get("torch_rng_per_rank") or []) == world:  # same world size: each rank's own RNG streams
             saved = state["torch_rng_per_rank"][rank]
             cpu_rng, cuda_rng = saved if isinstance(saved, (tuple, list)) else (saved, None)   # older: CPU only
@@ -164,9 +161,8 @@ def main(argv=None):
         if rank == 0:           # drop metrics rows logged after the checkpoint; the skip count goes on from there
             kept = S.cut_metrics(out, start_step)
             summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
-    elif rank == 0 and (out / "metrics.jsonl").exists():   # a run killed before its first save: its log is kept
-        S.supersede(out, 0)                                 # aside in superseded_<k>/, then started over
-        S.cut_metrics(out, 0)
+    elif rank == 0:                                   # a run killed before its first save: its log is kept aside
+        S.start_log_over(out)
 
     def evaluate(desc):
         """Every rank scores an equal slice (padded with the last example, so all run the same forwards)."""
