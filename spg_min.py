@@ -972,6 +972,9 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
     over. Resuming an earlier checkpoint of this run keeps what it overwrites (supersede). UsageError
     if it does not fit the model. Returns (its step, the run's summary with this config)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    if "torch_rng_per_rank" in state:                      # scale/'s layout: per-rank RNGs, name-keyed optimizer
+        raise T.UsageError(f"{ckpt} was written by scale/train.py: continue it with torchrun scale/train.py "
+                           "--resume (eval.py --adapter scores it), or pass another --out")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state["model"]) != trainable:                   # strict=False below: the frozen weights are not saved
         raise T.UsageError(f"{ckpt} does not fit this model ({len(set(state['model']) - trainable)} weights it has "

@@ -79,7 +79,8 @@ def groups_per_rank(num_prompts: int, world: int) -> int:
 
 
 def save_checkpoint(out, step, model, opt, cfg, rank):
-    """A collective: trainable weights and optimizer state gathered to rank 0's CPU, written in spg_min's layout."""
+    """A collective: trainable weights and optimizer state gathered to rank 0's CPU, written in spg_min's layout
+    (eval.py reads it; spg_min's resume does not: the RNG states are per rank, the optimizer state name-keyed)."""
     model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     rng_states = [None] * dist.get_world_size()         # every rank's global RNGs (LoRA dropout): exact --resume

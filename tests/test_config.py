@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_config.py
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,17 @@ def test_bool_flags_refuse_typos():
     assert S.parse_config(["--load-in-4bit", "YES"]).load_in_4bit is True
     with pytest.raises(SystemExit):
         S.parse_config(["--load-in-4bit", "ture"])
+
+
+def test_the_readme_s_paper_table_points_at_each_definition():
+    """Each `name` ([N](spg_min.py#LN)) of the README's "Paper to code" table is spg_min's `def name` or `NAME =`
+    at line N: the links go stale with any edit above them, and this names the row to fix."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Paper to code"):readme.index("## Defaults and where they come from")]
+    links = re.findall(r"`(\w+)` \(\[(\d+)\]\(spg_min\.py#L(\d+)\)\)", table)
+    source = (ROOT / "spg_min.py").read_text().splitlines()
+    assert len(links) >= 15                                          # every row's function, not a few
+    for name, shown, target in links:
+        assert shown == target, name
+        line = source[int(target) - 1]
+        assert line.startswith((f"def {name}(", f"{name} = ")), f"README: {name} is not at spg_min.py:{target}"
