@@ -18,6 +18,8 @@ import psutil
 import pytest
 import torch
 
+import model as M
+import spg_min as S
 import tasks as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +138,17 @@ def test_resume_with_a_value_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scale" / "train.py"), "--resume", "none", "--model", "tiny",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--resume takes no value (got 'none')" in proc.stderr
+
+
+def test_a_checkpoint_of_spg_min_is_refused_with_the_script_that_continues_it(tmp_path):
+    """spg_min's optimizer state is keyed by position: loading it here would stop on a KeyError ('state.0.step')."""
+    cfg = S.parse_config(TINY + ["--out", str(tmp_path)])
+    net = M.tiny_model(len(M.tiny_tokenizer()))
+    S.save_checkpoint(tmp_path, 3, net, torch.optim.AdamW(net.parameters()), cfg)
+    proc = subprocess.run([sys.executable, str(REPO / "scale" / "train.py"), *TINY, "--out", str(tmp_path),
+                           "--resume"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "ckpt_000003 was written by spg_min.py: continue it with spg_min.py" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000003"]       # nothing written or moved
 
 
 def test_one_step_same_for_one_and_two_ranks(tmp_path, shim):
