@@ -188,6 +188,8 @@ def validate(cfg: Config) -> None:
          f"max_steps, eval_n and save_every must be >= 1, eval_every >= 0 (got {cfg.max_steps}, {cfg.eval_n}, "
          f"{cfg.save_every}, {cfg.eval_every})")
     need(cfg.temperature >= 0.0, f"temperature={cfg.temperature} must be >= 0")
+    need(cfg.model == "tiny" or (cfg.lora_rank >= 1 and cfg.lora_alpha > 0),   # alpha 0: LoRA's scale alpha/r is 0
+         f"lora_rank={cfg.lora_rank} must be >= 1 and lora_alpha={cfg.lora_alpha} > 0 (alpha 0 trains nothing)")
     need(cfg.resume in ("auto", "none") or (Path(cfg.resume) / "state.pt").exists(),
          f"resume={cfg.resume!r}: pass auto, none, or a checkpoint directory holding state.pt")
     need(cfg.eval_file is None or Path(cfg.eval_file).is_file(),

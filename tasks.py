@@ -266,7 +266,8 @@ MATH_VERIFY_TIMEOUT_S = 1  # seconds per parse/verify call; signal-based, so onl
 
 def _math_row(raw):
     """Hub/jsonl row -> example; without `answer`, the last \\boxed{} of `solution` (d1 uses the solution)."""
-    answer = raw.get("answer") or last_boxed(raw.get("solution", "")) or ""
+    answer = raw.get("answer")                        # a JSON number (0 included) is an answer too
+    answer = str(answer) if answer not in (None, "") else last_boxed(raw.get("solution", "")) or ""
     return {"problem": raw["problem"], "answer": answer.strip()}
 
 def _normalize_math(s):

@@ -49,11 +49,31 @@ def no_loading(monkeypatch):
     (dict(eval_every=-1), "eval_every"),
     (dict(adam_eps=0.0), "adam_eps"),
     (dict(eval_file="no/such/file.csv"), "eval_file"),
+    (dict(eval_file="."), "eval_file"),                                  # a directory is not a file
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(micro_batch=0), "micro_batch"),
+    (dict(estimator="d1", num_mc=1, masking="d1", d1_epsilon=0.0), "d1_epsilon"),
+    (dict(estimator="d1", num_mc=1, masking="d1", d1_beta_kl=-0.1), "d1_beta_kl"),
 ])
 def test_bad_setting_is_refused_first(tmp_path, no_loading, overrides, named):
     cfg = S.Config(task="sudoku", model="tiny", out=str(tmp_path), **overrides)
     with pytest.raises(ValueError, match=named):
         S.train(cfg)
+
+
+@pytest.mark.parametrize("overrides", [dict(lora_rank=0), dict(lora_rank=-4), dict(lora_alpha=0)])
+def test_a_lora_that_cannot_train_is_refused_first(tmp_path, no_loading, overrides):
+    """r 0 stopped inside peft after the 8B model had loaded; alpha 0 scales LoRA by alpha/r = 0: no gradient."""
+    cfg = S.Config(task="gsm8k", model="GSAI-ML/LLaDA-8B-Instruct", out=str(tmp_path), **overrides)
+    with pytest.raises(ValueError, match="must be >= 1 and lora_alpha"):
+        S.train(cfg)
+
+
+def test_the_ends_of_documented_ranges_are_accepted():
+    """omega 0 and 1 (Eq. 8: ELBO alone, EUBO alone), temperature 0 (greedy), p_mask_prompt 0, weight decay 0."""
+    for overrides in (dict(omega=0.0), dict(omega=1.0), dict(temperature=0.0), dict(p_mask_prompt=0.0),
+                      dict(weight_decay=0.0), dict(model="some/llada", lora_rank=1, lora_alpha=1)):
+        S.validate(S.Config(**overrides))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits do not bind it")

@@ -169,7 +169,34 @@ def test_gradient_checkpointing_lora_trains_unquantized():
     assert sum(n.endswith("lora_A.default") for n, _ in all_linear.named_modules()) == 4 * 7
 
 
+def test_lora_on_a_bf16_base_keeps_it_bf16():
+    """B27: k-bit preparation (upcast to fp32) is for a 4-bit base only; on bf16 LLaDA it would double the memory."""
+    model = M.add_lora(M.tiny_model(108).to(torch.bfloat16), r=4)
+    base = [p.dtype for n, p in model.named_parameters() if "lora_" not in n]
+    assert base and set(base) == {torch.bfloat16}
+
+
+def test_a_tokenizer_without_llada_s_end_of_turn_is_refused():
+    """A token missing from the vocabulary maps to unk: special_ids must not hand that out as eot."""
+    tok = M.tiny_tokenizer()
+    real = tok.convert_tokens_to_ids
+    tok.convert_tokens_to_ids = lambda t: tok.unk_token_id if t == M.EOT else real(t)
+    with pytest.raises(AssertionError, match="missing special token"):
+        M.special_ids(tok)
+
+
 # ---------------------------------------------------------------------------------------------- LLaDA format
+
+def test_llada_config_reads_grouped_heads_and_a_padded_vocabulary():
+    """n_kv_heads (grouped-query attention) and embedding_size (rows of a padded vocabulary) are LLaDA's names."""
+    cfg = {"d_model": 96, "mlp_hidden_size": 200, "n_layers": 2, "n_heads": 6, "n_kv_heads": 6,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_sequence_length": 256, "eos_token_id": 381,
+           "mask_token_id": 380, "vocab_size": 384, "embedding_size": 384}          # the fixture's fields
+    grouped = M.llama_config_from_llada({**cfg, "n_heads": 6, "n_kv_heads": 2, "vocab_size": 382, "embedding_size": 400})
+    assert (grouped.num_attention_heads, grouped.num_key_value_heads, grouped.vocab_size) == (6, 2, 400)
+    plain = M.llama_config_from_llada({**cfg, "n_kv_heads": None, "embedding_size": None, "vocab_size": 382})
+    assert (plain.num_key_value_heads, plain.vocab_size) == (6, 382)
+
 
 @needs_fixture
 def test_fixture_fp32_matches_expected_logits_bidirectional_and_padding():

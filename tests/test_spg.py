@@ -85,6 +85,15 @@ def test_a_failed_task_reward_is_counted_missing_and_warned():   # B13 through a
     assert "every reward function failed" in messages[1]
 
 
+def test_one_missing_function_of_several_is_counted_without_the_all_failed_warning():   # B13
+    task = T.Task("two", (("one", lambda c, ex: 1.0, 1.0), ("none", lambda c, ex: None, 1.0)), 2.0,
+                  lambda c, ex: 0.0, str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                    # a warning here fails the test
+        per_fn, total, missing = S.score_rewards(task, ["a", "b"], [{}, {}])
+    assert per_fn.tolist() == [[1.0, 0.0], [1.0, 0.0]] and total.tolist() == [1.0, 1.0] and missing == 2
+
+
 # ---------------------------------------------------------------- completion mask, B19
 
 def test_completion_mask_by_position_when_pad_equals_eos():

@@ -574,3 +574,88 @@ def test_rewards_and_scores_never_raise_and_stay_in_range(text):
                 assert 0.0 <= fn(text, ex) <= FN_MAX[fn_name]
             assert 0.0 <= task.reward(text, ex) <= task.max_reward
             assert 0.0 <= task.score(text, ex) <= 1.0
+
+
+# ---- the fourth mutation audit's survivors: each test below fails under the bug its comment names
+
+def test_gsm8k_reads_the_last_number_and_a_minus_only_as_a_sign():   # B02
+    assert tasks.last_number("3 apples and 72") == 72                            # the last, not the first
+    assert tasks.last_number("2-3") == 3 and tasks.last_number("(4)-3") == 3    # subtraction, not -3
+    assert tasks.last_number("it is -3") == -3
+    ex = {"question": "q", "answer": "18"}
+    assert fns("gsm8k")["correctness"]("<answer>16 - 3 - 4 = 9, so 9 * 2 = 18</answer>", ex) == 2.0
+    assert tasks.get_task("gsm8k").score("<answer>16 - 3 - 4 = 9, so 9 * 2 = 18</answer>", ex) == 1.0
+
+
+@pytest.mark.parametrize("answer, reward", [("72", 0.5), ("-72", 0.5), ("1,080", 0.5), (",", 0.0), ("1,2", 0.0),
+                                            ("72,", 0.0), ("1,0800", 0.0)])
+def test_gsm8k_int_reward_takes_only_an_integer_with_thousands_commas(answer, reward):   # B02
+    assert fns("gsm8k")["int"](f"<answer>{answer}</answer>", {}) == reward
+
+
+def test_an_echoed_placeholder_box_with_spaces_is_skipped():          # data.md 4.2 (a)
+    assert tasks.get_task("gsm8k").score("so \\boxed{18}.\n<answer>\n\\boxed{ ... }\n</answer>", {"answer": "18"}) == 1.0
+
+
+def test_a_bare_box_ends_at_the_line():                                # B04: `\boxed 5` then more text
+    assert tasks.last_boxed("so \\boxed 5\nThe end") == "5"
+    assert tasks.get_task("math").score("so \\boxed 5\nThe end", {"problem": "p", "answer": "5"}) == 1.0
+
+
+def test_math_answers_equal_up_to_a_final_period():                    # B05: math-verify alone says 5. != 5
+    assert tasks.math_equal("5.", "5") and tasks.math_equal("\\text{Monday}.", "\\text{Monday}")
+    assert not tasks.math_equal("5.1", "5")
+
+
+def test_math_format_needs_a_closed_answer_tag():                      # a cut-off completion earns no format
+    fmt = fns("math")["format"]
+    assert fmt("<answer>\\boxed{5}", {}) == 0.0
+    assert fmt("<answer>\\boxed{5}</answer>", {}) == 0.75 and fmt("<answer>5</answer>", {}) == 0.5
+
+
+def test_countdown_reads_latex_division_and_string_numbers():          # data.md 4.2, pitfall 11
+    ex = {"nums": [8, 4, 2], "target": 4}
+    assert tasks.get_task("countdown").score("\\boxed{8 \\div 4 \\times 2}", ex) == 1.0
+    row = tasks._countdown_row({"nums": ["30", "100", "93"], "target": "23"})
+    assert row == {"nums": [30, 100, 93], "target": 23}
+    assert tasks.get_task("countdown").score("\\boxed{30+93-100}", row) == 1.0
+
+
+def test_xmlcount_counts_the_spec_s_tags_and_stays_in_its_range():    # data.md 3.1
+    xmlcount = fns("gsm8k")["xmlcount"]
+    assert xmlcount("<answer>\n42\n</answer>", {}) == 0.125                 # "\n<answer>\n" needs its newline
+    assert xmlcount("<reasoning>\nr\n</reasoning><answer>\n42\n</answer>", {}) == 0.25
+    assert xmlcount(paper("42") + "x" * 1000, {}) == 0.0                      # junk never makes it negative
+
+
+def test_strict_format_takes_the_final_newline_as_optional():          # B01
+    assert tasks.strict_format("<reasoning>\na\n</reasoning>\n<answer>\n1\n</answer>", {}) == 0.5
+    assert tasks.strict_format("<reasoning>\na\n</reasoning>\n<answer>\n1\n</answer>\n\n", {}) == 0.0
+
+
+@pytest.mark.parametrize("name, ex", [("math", {"problem": "p", "answer": "1"}),
+                                      ("countdown", {"nums": [1, 2, 3], "target": 6})])
+def test_aggregate_of_the_other_tasks_is_the_mean_score(name, ex):
+    assert tasks.aggregate(name, [1.0, 0.0], [ex, ex]) == {"accuracy": 50.0, "n": 2}
+
+
+def test_eval_files_tolerate_blank_lines_and_refuse_binary(tmp_path):
+    jsonl = tmp_path / "gsm8k.jsonl"
+    jsonl.write_text(json.dumps({"question": "q", "answer": "#### 7"}) + "\n\n\n")
+    assert tasks.load_eval("gsm8k", eval_file=str(jsonl)) == [{"question": "q", "answer": "7", "solution": "#### 7"}]
+    binary = tmp_path / "gsm8k.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(tasks.UsageError, match="is not a gsm8k file"):
+        tasks.load_eval("gsm8k", eval_file=str(binary))
+
+
+def test_a_math_answer_that_is_a_json_number_is_kept(tmp_path):
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"p{a}", "answer": a}) + "\n" for a in (2, 0, 1.5)))
+    assert [ex["answer"] for ex in tasks.load_eval("math", eval_file=str(path))] == ["2", "0", "1.5"]
+
+
+def test_n_as_large_as_the_set_keeps_file_order(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(5)))
+    assert [ex["answer"] for ex in tasks.load_eval("gsm8k", eval_file=str(path), n=5)] == ["0", "1", "2", "3", "4"]

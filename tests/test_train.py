@@ -328,6 +328,11 @@ def test_warm_start_cache_is_per_training_set(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:                               # another prompt template
         patch.setattr(S.T, "build_prompt", lambda task, ex, split, style: f"Solve: {ex['puzzle']}")
         assert path(base, trained) != plain
+    for constant, value in (("WARM_START_LR", 3e-3), ("WARM_START_BATCH", 32), ("WARM_START_SEED", 1),
+                            ("ADAM_BETAS", (0.9, 0.95))):              # the optimizer and sampling constants
+        with monkeypatch.context() as patch:
+            patch.setattr(S, constant, value)
+            assert path(base, trained) != plain, constant
     solutions = {ex["solution"] for ex in trained}
     assert len(solutions) == 200 and not solutions & {S.T.SUDOKU_GRIDS[i] for i in S.T.SUDOKU_HELDOUT}
     def csv(path, grids):                                              # the key reads the solution grid
