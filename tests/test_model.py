@@ -287,6 +287,26 @@ def test_llada_roundtrip_and_4bit_close_to_fp32(tmp_path):
 
 @needs_fixture
 @pytest.mark.filterwarnings("ignore:bitsandbytes 0.50")  # fixture d_model 96: see load_llada; CUDA unaffected
+def test_an_spg_update_trains_lora_on_the_4bit_base():
+    """B27 through the loss pass itself (sequence_bounds calls the decoder and the head directly, under gradient
+    checkpointing): one SPG step with A = [+1, -1] moves every LoRA B and no base weight."""
+    ids = torch.load(FIXTURES / "llada_tiny_expected.pt")["input_ids"][:2]                # [2, 40]
+    mask_id = M.special_ids(M.load_tokenizer(LLADA_TINY))["mask"]
+    model = M.add_lora(M.load_llada(LLADA_TINY, load_in_4bit=True, dtype=torch.float32), gradient_checkpointing=True)
+    before = base_snapshot(model)
+    c = torch.ones(2, 16, dtype=torch.bool)                                              # the last 16: completion
+    masked, t = S.block_forward_process(c, 24, m=2, block_length=8, p_mask_prompt=0.15,
+                                        generator=torch.Generator().manual_seed(0))
+    model.train()
+    elbo_b, eubo_b = S.sequence_bounds(model, ids, torch.ones_like(ids), c, masked, t, beta=1.5, mask_id=mask_id)
+    loss, _ = S.spg_loss(torch.tensor([1.0, -1.0]), elbo_b, eubo_b, num_tokens=c.sum())
+    loss.backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+    assert_lora_trained(model, before)
+
+
+@needs_fixture
+@pytest.mark.filterwarnings("ignore:bitsandbytes 0.50")  # fixture d_model 96: see load_llada; CUDA unaffected
 def test_fixture_4bit_lora_trains_saves_and_reloads(tmp_path):
     import bitsandbytes as bnb
     from peft import PeftModel

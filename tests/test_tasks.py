@@ -659,3 +659,8 @@ def test_n_as_large_as_the_set_keeps_file_order(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(5)))
     assert [ex["answer"] for ex in tasks.load_eval("gsm8k", eval_file=str(path), n=5)] == ["0", "1", "2", "3", "4"]
+
+
+def test_an_empty_gsm8k_gold_gives_no_correctness_and_says_so():      # B03 (2): no reward on an unparsable gold
+    with pytest.warns(UserWarning, match="gold"):
+        assert fns("gsm8k")["correctness"]("<answer>72</answer>", {"question": "q", "answer": ""}) == 0.0

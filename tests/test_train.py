@@ -402,3 +402,99 @@ def test_warm_start_targets_and_loss(tmp_path, monkeypatch):
                       mask_id=ids["mask"], eos_id=ids["eos"], generator=gen)
     assert seen["c"].shape == (S.WARM_START_BATCH, cfg.gen_length) and seen["c"].all()
     assert float(loss) == pytest.approx(-seen["elbo"].sum().item() / (S.WARM_START_BATCH * cfg.gen_length), rel=1e-6)
+
+
+# ---- the loop's wiring (field cases B09, B14, B15; spg_spec.md (h)8, (h)12, (h)16)
+
+LOOP = ["--task", "sudoku", "--model", "tiny", "--warm-start-steps", "0", "--eval-n", "5", "--eval-batch", "5",
+        "--gen-length", "8", "--block-length", "4", "--steps", "4", "--save-every", "1", "--lr", "1e-3"]
+
+
+def varied_reward(monkeypatch):
+    """A reward that differs between completions (the sum of character codes mod 5), so advantages are not 0."""
+    chars = lambda text, ex: sum(map(ord, text)) % 5 / 4
+    monkeypatch.setitem(S.T.TASKS, "sudoku", dataclasses.replace(S.T.TASKS["sudoku"], reward_funcs=(("chars", chars, 1.0),)))
+
+
+def test_rollouts_groups_and_masks_are_wired_as_the_paper_says(tmp_path, monkeypatch):
+    """B14: rows g*k .. g*k+g-1 are prompt k's group (the same prompt ids, the same example, group id k);
+    (h)12: rollouts and evaluation decode in eval mode without autograd; (h)8: each of the mu inner updates draws
+    its own masks. Group 0's rewards tie, so only groups 1 and 2 are scored, with their own group ids."""
+    first = []                                                            # group 0's puzzle
+    chars = lambda text, ex: 0.5 if ex["puzzle"] == first[0] else sum(map(ord, text)) % 5 / 4
+    monkeypatch.setitem(S.T.TASKS, "sudoku", dataclasses.replace(S.T.TASKS["sudoku"], reward_funcs=(("chars", chars, 1.0),)))
+    calls = {"generate": [], "rewards": [], "masks": []}
+    generate, score_rewards, block = S.generate, S.score_rewards, S.FORWARD_PROCESS["block"]
+
+    def recording_generate(model, prompt_ids, *a, **kw):             # the model's state in its forward passes
+        seen = set()
+        decoder, _ = M.decoder_and_head(model)                    # generate calls the decoder and the head itself
+        hook = decoder.register_forward_pre_hook(lambda net, args: seen.add((model.training, torch.is_grad_enabled())))
+        out = generate(model, prompt_ids, *a, **kw)
+        hook.remove()
+        calls["generate"].append((*seen.pop(), prompt_ids.clone()) if len(seen) == 1 else (seen, None, prompt_ids))
+        return out
+
+    def recording_rewards(task, texts, examples):
+        first[:] = [examples[0]["puzzle"]]
+        per_fn, rewards, missing = score_rewards(task, texts, examples)
+        calls["rewards"].append((examples, rewards))
+        return per_fn, rewards, missing
+
+    def recording_block(c, P, **kw):
+        masked, t = block(c, P, **kw)
+        calls["masks"].append((masked, kw["group_ids"]))
+        return masked, t
+    monkeypatch.setattr(S, "generate", recording_generate)
+    monkeypatch.setattr(S, "score_rewards", recording_rewards)
+    monkeypatch.setitem(S.FORWARD_PROCESS, "block", recording_block)
+    S.train(S.parse_config(LOOP + ["--out", str(tmp_path), "--max-steps", "1", "--num-prompts", "3",
+                                   "--group-size", "4", "--mu", "3"]))
+    assert [(training, grad) for training, grad, _ in calls["generate"]] == [(False, False)] * 3   # eval, RL, eval
+    prompts, (examples, rewards) = calls["generate"][1][2], calls["rewards"][0]
+    assert prompts.shape[0] == len(examples) == 12
+    for k in range(3):
+        rows = range(4 * k, 4 * k + 4)
+        assert all(torch.equal(prompts[r], prompts[4 * k]) and examples[r] is examples[4 * k] for r in rows)
+    assert len({e["puzzle"] for e in examples}) == 3                     # three different prompts
+    assert len(calls["masks"]) == 3                                       # mu = 3 inner updates ...
+    masks = [m for m, _ in calls["masks"]]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])   # ... with fresh masks
+    groups = torch.arange(3).repeat_interleave(4)                        # rows 4k .. 4k+3: group k
+    active = S.group_advantages(rewards, groups) != 0                     # the rows the update scores
+    assert not active[:4].any() and active.sum() >= 6                   # group 0 tied; most of the rest scored
+    assert all(torch.equal(ids, groups[active]) for _, ids in calls["masks"])
+
+
+def test_micro_batches_do_not_change_the_step(tmp_path, monkeypatch):
+    """B15/B31: a group of 6 split into micro-batches of 2 accumulates to the step of one batch: the loss is
+    normalised by the whole batch's completion tokens, whatever the split."""
+    varied_reward(monkeypatch)
+    rows = []
+    for micro in ("2", "12"):
+        out = tmp_path / micro
+        S.train(S.parse_config(LOOP + ["--out", str(out), "--max-steps", "1", "--num-prompts", "2",
+                                       "--group-size", "6", "--mu", "1", "--micro-batch", micro]))
+        rows.append(json.loads((out / "metrics.jsonl").read_text()))
+    assert rows[0]["reward/frac_zero_adv_groups"] < 1.0 and rows[0]["loss"] != 0.0      # something to accumulate
+    assert rows[0]["reward/mean"] == rows[1]["reward/mean"]                            # the same rollouts
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)                 # the same objective ...
+    assert rows[0]["grad_norm"] == pytest.approx(rows[1]["grad_norm"], rel=1e-5)       # ... and gradient
+
+
+def test_one_repeated_token_everywhere_is_logged_and_warned(tmp_path, monkeypatch, capsys):
+    """B09: every completion is one token repeated: health/repeated_frac is 1 and the step prints the warning."""
+    one = M.tiny_tokenizer().convert_tokens_to_ids("!")
+    monkeypatch.setattr(S, "generate", lambda model, prompt_ids, *a, gen_length, **kw: torch.cat(
+        [prompt_ids, torch.full((prompt_ids.shape[0], gen_length), one)], 1))
+    S.train(S.parse_config(LOOP + ["--out", str(tmp_path), "--max-steps", "1", "--num-prompts", "2",
+                                   "--group-size", "2", "--mu", "1"]))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["health/repeated_frac"] == 1.0
+    assert S.collapse_warning(1.0, 1) in capsys.readouterr().out
+
+
+def test_each_task_runs_the_paper_s_optimizer_steps():
+    """(h)16, paper App. G.2: rollout rounds x mu = 6000 / 4000 / 6000 / 2500 optimizer steps."""
+    steps = {task: (lambda cfg: cfg.max_steps * cfg.mu)(S.parse_config(["--task", task]))
+             for task in ("gsm8k", "math", "countdown", "sudoku")}
+    assert steps == {"gsm8k": 6000, "math": 4000, "countdown": 6000, "sudoku": 2500}
