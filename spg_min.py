@@ -76,6 +76,7 @@ ADVANTAGE_TIE = 1e-6         # |A| at or below this (x max(1, |r|)) is rounding:
 MAX_NONFINITE_IN_A_ROW = 10  # skipped steps in a row before the run aborts
 REPEAT_ALARM = 0.5           # warn when over half a batch's completions are one repeated token (field case B09)
 LOGP_CHUNK_BYTES = 32 * 2**20  # float32 logits alive at once in the loss pass: 66 rows at V = 126,464 (bench/loss.py)
+LSE_ROWS = 8                  # rows per logsumexp in TargetLogprob: its temporary is 8 rows of logits, not a chunk
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,19 +435,40 @@ def hidden_states(model, ids, attention_mask):
     return out.last_hidden_state
 
 
-def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None):
-    """log softmax(head(h))[target] in float32, chunked over rows: h [N, T, d], targets [N, T] -> [N, T].
+class TargetLogprob(torch.autograd.Function):
+    """log softmax(logits)[target]: logits [R, V] float32, targets [R] -> [R]. Its backward writes d logp / d logits
+    = onehot(target) - softmax into the saved logits' own buffer (which target_logprobs' checkpoint recomputes for
+    it alone), so a chunk of the loss pass holds one [R, V] float32 buffer, forward or backward: field case B33's
+    bound of 1.5 chunks (autograd's own gather + logsumexp holds four). Values equal log_softmax's."""
 
-    Under autograd each chunk is checkpointed, so only one chunk of [rows, V] float32 logits is alive at
-    a time, forward or backward; value and gradient equal the direct computation.
-    """
+    @staticmethod
+    def forward(ctx, logits, targets):
+        lse = torch.cat([torch.logsumexp(rows, -1) for rows in logits.split(LSE_ROWS)])     # [R], no [R, V] temp
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(-1, targets[:, None])[:, 0] - lse
+
+    @staticmethod
+    def backward(ctx, grad):                                                          # grad [R]
+        logits, targets, lse = ctx.saved_tensors
+        g = logits.sub_(lse[:, None]).exp_().neg_()                                   # -softmax, in place
+        g.scatter_add_(1, targets[:, None], torch.ones_like(lse)[:, None])            # onehot - softmax
+        return g.mul_(grad[:, None]), None                                            # d loss / d logits
+
+
+def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None):
+    """log softmax(head(h))[target] in float32: h [N, T, d], targets [N, T] -> [N, T].
+
+    Rows that fit one chunk of LOGP_CHUNK_BYTES float32 logits (the tiny model's always do) are computed directly.
+    More go chunk by chunk, each checkpointed under autograd and scored by TargetLogprob, so one chunk of [rows, V]
+    logits is alive at a time, forward or backward; value and gradient equal the direct computation. head is
+    called as a module (scale/'s FSDP runs its hooks)."""
     def one_chunk(hc, tc):
-        logits = head(hc).float()                                                     # [rows, V]
-        return logits.gather(-1, tc[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        return TargetLogprob.apply(head(hc).float(), tc)                              # [rows]
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     chunk_rows = chunk_rows or max(1, LOGP_CHUNK_BYTES // (4 * head.out_features))
     if flat_h.shape[0] <= chunk_rows:
-        return one_chunk(flat_h, flat_t).view(targets.shape)
+        logits = head(flat_h).float()                                                 # [N*T, V]
+        return (logits.gather(-1, flat_t[:, None])[:, 0] - torch.logsumexp(logits, -1)).view(targets.shape)
     parts = []
     for i in range(0, flat_h.shape[0], chunk_rows):
         args = (flat_h[i:i + chunk_rows], flat_t[i:i + chunk_rows])

@@ -6,7 +6,8 @@ One update = per-token log-probs of the completion -> elbo / eubo -> spg_loss ->
 tiny bidirectional Llama with hidden 64, 2 layers, vocabulary V. Three ways to get the log-probs:
   direct           full float32 logits [N, L, V] from the model's forward, log_softmax, gather (what most code does);
   spg_min          spg_min.completion_logprobs as shipped: the LM head on the Lg completion positions only, in
-                   chunks of LOGP_CHUNK_BYTES // (4 V) rows (checkpointed under autograd), logsumexp + gather;
+                   chunks of LOGP_CHUNK_BYTES // (4 V) rows (checkpointed, spg_min.TargetLogprob: one [rows, V]
+                   buffer, its gradient written in place), logsumexp + gather;
   spg_min, chunk R the same with chunk_rows=R passed to spg_min.target_logprobs (--chunk-rows).
 Loss values and every parameter gradient must match the direct computation (asserted; the script exits 1
 otherwise).
