@@ -15,6 +15,7 @@ import math
 import re
 import subprocess
 import sys
+import types
 import zlib
 from pathlib import Path
 
@@ -509,3 +510,130 @@ def test_rl_variants_quick(tmp_path, variant):
     refused = subprocess.run(script + ["--warm-start-steps", "0"], capture_output=True, text=True, timeout=120,
                              cwd=ROOT)
     assert refused.returncode == 2 and "--warm-start-steps 0" in refused.stderr
+
+
+# ---- the fifth mutation audit's survivors: each test below fails under the bug its comment names
+
+def decoder_batch_sizes(net, fn):
+    """fn()'s output and the batch size of each decoder call."""
+    sizes = []
+    decoder, _ = M.decoder_and_head(net)
+    handle = decoder.register_forward_pre_hook(
+        lambda mod, args, kw: sizes.append(len(kw["input_ids"] if "input_ids" in kw else args[0])), with_kwargs=True)
+    out = fn()
+    handle.remove()
+    return out, sizes
+
+
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+def test_rows_that_leave_take_only_their_own_cache(tiny, kv_cache):
+    """Under a threshold, rows done with a block leave the batch and the cache keeps exactly the others' rows:
+    each row decodes as that prompt alone (at threshold 0.017 three of these four rows finish block 1 at once)."""
+    net, tok, mask_id, _, _ = tiny
+    prompts = ["abc", "hello there", "2+2=", "Sudoku 0310200404001043"]
+    ids, attn = S.encode_prompts(tok, prompts)
+    kw = dict(GEN, temperature=0.0, mask_id=mask_id, threshold=0.017, kv_cache=kv_cache)
+    out, sizes = decoder_batch_sizes(net, lambda: S.generate(net, ids, attn, **kw))
+    assert sizes[:4] == [4, 1, 1, 1]                                  # the three leave after the first call
+    for row, prompt in enumerate(prompts):
+        alone_ids, alone_attn = S.encode_prompts(tok, [prompt])
+        assert torch.equal(S.generate(net, alone_ids, alone_attn, **kw)[0, -24:], out[row, -24:]), row
+
+
+def test_threshold_zero_is_a_threshold(tiny):
+    """threshold=0.0 commits every masked position whose confidence is above 0: one call per block (3), not the
+    schedule's 12 (a falsy test would drop it)."""
+    net, tok, mask_id, _, _ = tiny
+    ids, attn = S.encode_prompts(tok, ["abc", "de"])
+    _, sizes = decoder_batch_sizes(net, lambda: S.generate(net, ids, attn, temperature=0.0, mask_id=mask_id,
+                                                           threshold=0.0, **GEN))
+    assert len(sizes) == 3
+
+
+def test_threshold_is_strict():
+    """Fast-dLLM commits confidence > threshold: a confidence exactly at the threshold waits for the schedule."""
+    mask_id = 4
+    sure, unsure = torch.tensor([9.0, 0, 0, 0, 0]), torch.tensor([1.0, 0.9, 0.8, 0, 0])
+    calls = []
+    net = torch.nn.Module()
+    net.model = torch.nn.Module()
+    net.model.forward = lambda input_ids, attention_mask=None, position_ids=None: (calls.append(1), types.SimpleNamespace(
+        last_hidden_state=(input_ids != mask_id).float()[..., None]))[1]
+    net.lm_head = lambda h: torch.where(h == 1, sure, unsure)          # a masked position's logits: unsure
+    logits = unsure.clone()
+    logits[mask_id] = -math.inf
+    at = logits.softmax(-1)[0].item()                                  # a masked position's confidence, exactly
+    S.generate(net, torch.tensor([[1]]), torch.ones(1, 1, dtype=torch.long), gen_length=4, block_length=4, steps=4,
+               temperature=0.0, mask_id=mask_id, threshold=at)
+    assert len(calls) == 4                                             # the schedule's 4 steps, one token each
+
+
+def test_cell_advantages_of_two_groups_and_a_wrong_given():
+    """Two groups of 2: each group's own mean; a wrong given cell earns nothing."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import cell_credit as CC
+    tok = M.tiny_tokenizer()
+    digit_ids = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    ex = {"puzzle": "0234" + "3412" + "2143" + "432" + "0", "solution": "1234341221434321"}   # cells 0 and 15 empty
+    rows = ["<answer>\n1234341221434321\n</answer>", "<answer>\n4234341221434321\n</answer>",   # group 0
+            "<answer>\n1334341221434321\n</answer>", "<answer>\n1234341221434321\n</answer>"]   # group 1: given 1 wrong
+    comp = torch.tensor([tok(r, add_special_tokens=False)["input_ids"] for r in rows])
+    adv = CC.cell_advantages(comp, [ex] * 4, 2, digit_ids)
+    assert adv[:, CC.FIRST_CELL].tolist() == [0.5, -0.5, 0.0, 0.0]
+    assert adv[:, CC.FIRST_CELL + 1].abs().sum() == 0
+
+
+def test_ablation_reads_the_final_evaluation_and_prints_the_range(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ablation as A
+    (tmp_path / "summary.json").write_text(json.dumps({"eval_before": {"accuracy": 50.0},
+                                                       "eval_after": {"accuracy": 58.0}, "steps": 4}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": s, "reward/mean": 0.1 * s, **({"eval": {"accuracy": 52.0}} if s == 2 else {})}) for s in (1, 2, 3, 4)))
+    assert A.read_run(tmp_path)["evals"] == [(0, 50.0), (2, 52.0), (4, 58.0)]
+    args = A.parse_args(["--seeds", "2", "--out", str(tmp_path)])
+    s = A.seed_summary([{"before": 50.0, "after": 52.0, "evals": [(0, 50.0)], "reward": [0.0]},
+                        {"before": 50.0, "after": 58.0, "evals": [(0, 50.0)], "reward": [0.0]}], 5.0)
+    assert "| 55.0 [52.0, 58.0] | +5.0 |" in A.markdown({(args.task_list[0], args.config_list[0]): s}, 5.0, args)
+
+
+def test_memory_estimate_term_by_term():
+    """Each term for LLaDA-8B at the single-GPU defaults (P 200 + Lg 256, micro-batch 2 x m 2), by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory as MEM
+    d, n, f, V, GB = 4096, 32, 12288, 126464, 2 ** 30
+    est = list(MEM.estimate(MEM.LLADA_8B_SHAPES, S.parse_config(["--task", "gsm8k"]), 200).values())
+    by_hand = [n * (4 * d * d + 3 * d * f) * (4 + 8 / 64 + 32 / 16384) / 8 / GB,   # NF4 + double-quant constants
+               2 * V * d * 4 / GB,                                          # embeddings and head, float32
+               n * 128 * (2 * d * 3 + d + f) * 4 * 4 / GB,                    # LoRA r 128 on q, k, v, up: w, g, 2 Adam
+               34 * d * 2 * 2 * (200 + 256) * n / GB,                        # activations
+               S.LOGP_CHUNK_BYTES / GB]                                      # one chunk of logits
+    assert est == pytest.approx(by_hand, abs=1e-9)
+    fixture = ROOT.parent / "shared" / "fixtures" / "llada_tiny"
+    if fixture.is_dir():                                                     # a local dir's shapes win
+        assert MEM.shapes(str(fixture))["d_model"] == json.loads((fixture / "config.json").read_text())["d_model"]
+
+
+def test_plot_reads_every_kind_of_run(tmp_path):
+    """bench/plot_curves.py: before / periodic / after evaluations in order; a bare checkpoint's resume evaluation
+    at its step; a run with no evaluation yet plots its rewards (it crashed on unpacking)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import plot_curves as PC
+
+    def run(name, summary, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"config": {"temperature": 1.0}, **summary}))
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        return tmp_path / name
+    rows = [{"step": 1, "reward/mean": 0.1}, {"step": 2, "reward/mean": 0.2, "eval": {"accuracy": 45.0}}]
+    full = run("full", {"eval_before": {"accuracy": 40.0}, "eval_after": {"accuracy": 50.0}, "steps": 2}, rows)
+    assert PC.read_run(full) == ([1, 2], [0.1, 0.2], 1.0, (0, 2, 2), (40.0, 45.0, 50.0))
+    after_only = run("after_only", {"eval_after": {"accuracy": 40.0}, "steps": 2}, rows[:1])
+    assert PC.read_run(after_only)[3:] == ((2,), (40.0,))
+    resumed = run("resumed", {"eval_at_resume": {"step": 1, "accuracy": 30.0}}, [{"step": 2, "reward/mean": 0.1}])
+    assert PC.read_run(resumed)[3:] == ((1,), (30.0,))
+    nothing = run("nothing", {}, [{"step": 1, "reward/mean": 0.1}])
+    assert PC.read_run(nothing) == ([1], [0.1], 1.0, (), ())
+    subprocess.run([sys.executable, str(ROOT / "bench" / "plot_curves.py"), str(full), str(nothing), "--out",
+                    str(tmp_path / "c.png")], check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import model as M
@@ -93,3 +94,69 @@ def test_eval_scores_and_tabulates_known_answers(tmp_path, monkeypatch):
     accuracy = 100 * sum(empty[0::2]) / sum(empty)
     table = (tmp_path / "results_sudoku.md").read_text().splitlines()
     assert table[2] == f"| 24 | {accuracy:.2f} | 50.00 | 6 |", table
+
+
+def test_evaluate_decodes_the_paper_s_way(monkeypatch):
+    """Greedy, steps = Lg / 2; LLaDA's prompts end with the <reasoning> prefill, the tiny model's do not."""
+    import spg_min as S
+    tok = M.tiny_tokenizer()
+    net, ids = M.tiny_model(len(tok), seed=0), M.special_ids(tok)
+    seen, real = [], S.generate
+    monkeypatch.setattr(S, "generate", lambda model, prompt_ids, attn, **kw: (seen.append((prompt_ids, kw)),
+                                                                             real(model, prompt_ids, attn, **kw))[1])
+    examples = tasks.load_eval("sudoku", n=2, seed=42)
+    cfg = S.Config(task="sudoku", gen_length=24, block_length=8, eval_batch=8)
+    for style in ("tiny", "paper"):
+        S.evaluate(net, tok, tasks.get_task("sudoku"), examples, cfg, style=style, mask_id=ids["mask"],
+                   stop_ids=(ids["eos"], ids["eot"]))
+    (tiny_prompts, tiny_kw), (paper_prompts, _) = seen
+    assert (tiny_kw["steps"], tiny_kw["temperature"]) == (12, 0.0)
+    assert not tok.decode(tiny_prompts[0]).endswith(tasks.EVAL_PREFILL)
+    assert tok.decode(paper_prompts[0]).endswith(tasks.EVAL_PREFILL)
+
+
+def run_eval(tmp_path, monkeypatch, *flags):
+    """eval.py's main in this process on the tiny model, decoding replaced by the prompt's own puzzle as answer."""
+    import eval as E
+    import spg_min as S
+    monkeypatch.setattr(S, "generate", lambda model, prompt_ids, attn, *, gen_length, **kw: torch.cat(
+        [prompt_ids, prompt_ids.new_full((len(prompt_ids), gen_length), M.special_ids(M.tiny_tokenizer())["eos"])], 1))
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--task", "sudoku", "--model", "tiny", "--gen-lengths", "24",
+                                      "--block-length", "8", "--out", str(tmp_path / "ev"), *flags])
+    E.main()
+    return [json.loads(line) for line in (tmp_path / "ev" / "generations_sudoku_24.jsonl").read_text().splitlines()]
+
+
+def test_eval_seed_draws_the_n_sample(tmp_path, monkeypatch):
+    rows = run_eval(tmp_path, monkeypatch, "--n", "6", "--seed", "1")
+    assert [r["example"] for r in rows] == tasks.load_eval("sudoku", n=6, seed=1) != tasks.load_eval("sudoku", n=6)
+
+
+def test_an_adapter_is_loaded_at_its_own_rank_and_alpha_and_must_fit(tmp_path, monkeypatch):
+    """A LoRA adapter is rebuilt with the r and alpha its run trained with; one with a weight the model lacks, or
+    lacking one of its LoRA weights, is refused as not fitting."""
+    import eval as E
+    tok = M.tiny_tokenizer()
+    monkeypatch.setattr(M, "load_llada", lambda *a, **kw: M.tiny_model(len(tok), seed=0))
+    built = []
+    add_lora = M.add_lora
+    monkeypatch.setattr(M, "add_lora", lambda net, **kw: (built.append(kw), add_lora(net, **kw))[1])
+    adapter = {n: p.detach() for n, p in add_lora(M.tiny_model(len(tok)), r=8, alpha=16).named_parameters()
+               if "lora_" in n}
+    (tmp_path / "ck").mkdir()
+    for state, fits in ((adapter, True), ({**adapter, "x.lora_A.weight": torch.zeros(1)}, False),
+                        (dict(list(adapter.items())[1:]), False)):
+        torch.save({"model": state, "config": {"lora_rank": 8, "lora_alpha": 16}}, tmp_path / "ck" / "state.pt")
+        if fits:
+            net = E.load_for_eval("some/llada", str(tmp_path / "ck"), len(tok))
+            assert built[-1]["r"] == 8 and built[-1]["alpha"] == 16 and not net.training
+        else:
+            with pytest.raises(tasks.UsageError, match="does not fit this model"):
+                E.load_for_eval("some/llada", str(tmp_path / "ck"), len(tok))
+
+
+def test_a_block_length_of_zero_is_a_usage_error(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--task", "sudoku", "--model", "tiny",
+                          "--gen-lengths", "24", "--block-length", "0", "--out", str(tmp_path / "ev")],
+                         cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert run.returncode == 2 and "--block-length 0" in run.stderr and "Traceback" not in run.stderr

@@ -120,6 +120,38 @@ def test_d1_reference_is_the_model_as_rl_starts(setup):
         assert torch.equal(logp(ref), base)
 
 
+def test_frozen_logprobs_micro_batches_keep_their_padding():
+    """d1's old and reference log-probs: rows with different left padding give the same values one at a time as
+    together (each micro-batch takes its own rows' attention mask)."""
+    tok = M.tiny_tokenizer()
+    net, mask_id = M.tiny_model(len(tok), seed=0).eval(), M.special_ids(tok)["mask"]
+    ids, attn = S.encode_prompts(tok, ["a thirty character long prompt", "hi"])
+    seqs = torch.cat([ids, torch.randint(5, 60, (2, 8), generator=torch.Generator().manual_seed(0))], 1)
+    attn = torch.cat([attn, torch.ones(2, 8, dtype=attn.dtype)], 1)
+    masked = torch.zeros(2, 1, seqs.shape[1], dtype=torch.bool)
+    masked[:, :, -8::2] = True
+    one = S.frozen_logprobs(net, seqs, attn, masked, mask_id=mask_id, Lg=8, micro_batch=1)
+    two = S.frozen_logprobs(net, seqs, attn, masked, mask_id=mask_id, Lg=8, micro_batch=2)
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_logprobs_run_without_dropout_and_give_training_back():
+    """In eval mode (LoRA dropout 0.5 off: two calls agree), and the model is left in training mode as found."""
+    tok = M.tiny_tokenizer()
+    net = M.add_lora(M.tiny_model(len(tok), seed=0), r=4, alpha=8, dropout=0.5)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:                                             # the adapter changes the output
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(0))
+    net.train()
+    seqs = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(1))
+    masked = torch.zeros(2, 1, 12, dtype=torch.bool)
+    masked[:, :, -6:] = True
+    logp = lambda: S.frozen_logprobs(net, seqs, torch.ones_like(seqs), masked, mask_id=M.special_ids(tok)["mask"],
+                                     Lg=6, micro_batch=2)
+    first = logp()
+    assert net.training and torch.equal(first, logp())
+
+
 def test_micro_batches_accumulate_to_the_full_batch_gradient(setup):
     net, batch, mask_id = setup
     adv, n = torch.tensor([0.7, -0.4]), batch["c"].sum()
