@@ -254,7 +254,8 @@ def main(argv=None):
         lengths = c_rank.sum(-1, keepdim=True).cpu().double()                             # c lives on the GPU
         completions = torch.cat([gr["seqs"][:, gr["P"]:] for gr in groups])                # [k * g, Lg]
         repeated = S.repeated_token_fraction(completions, c_rank, stop_ids) * len(completions)   # this rank's count
-        tokens_per_s = (all_reduce(c_rank.numel(), SUM, device) / all_reduce(t_rollout, MAX, device)).item()
+        t_rollout = all_reduce(t_rollout, MAX, device).item()                           # the slowest rank's
+        tokens_per_s = all_reduce(c_rank.numel(), SUM, device).item() / t_rollout        # all ranks' tokens
         stats = all_gather(torch.cat([cat("rewards")[:, None], cat("per_fn"), lengths], 1), device)
         rewards, per_fn, lengths = stats[:, 0], stats[:, 1:-1], stats[:, -1]
         adv_all = S.group_advantages(rewards, torch.arange(len(rewards)) // g)           # as spg_min counts them

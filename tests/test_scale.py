@@ -50,6 +50,9 @@ if os.environ.get("LEARNABLE"):                                        # the fra
     ones = lambda text, ex: text.count("1") / max(len(text), 1)
     T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("ones", ones, 1.0),))
     S.load_model = lambda cfg, vocab: M.tiny_model(vocab, hidden_size=32, num_layers=2, seed=1)
+if os.environ.get("REPEAT"):                                           # every completion one repeated token
+    S.generate = lambda model, prompt_ids, attn, *, gen_length, **kw: torch.cat(
+        [prompt_ids, prompt_ids.new_full((len(prompt_ids), gen_length), 10)], 1)
 if os.environ.get("NAN_AT"):                                           # "rank:n": that rank's n-th loss is NaN
     rank, n = map(int, os.environ["NAN_AT"].split(":"))
     calls, spg_loss = [0], S.spg_loss
@@ -110,11 +113,21 @@ def test_two_ranks_finish(tmp_path, shard):
     out = tmp_path / "run"
     torchrun(tmp_path, 2, "--max-steps", "3", "--shard", shard, "--out", str(out))
     assert [row["step"] for row in metrics(out)] == [1, 2, 3]
-    for row in metrics(out):   # spg_min's health and speed metrics, over both ranks
-        assert 0.0 <= row["health/repeated_frac"] <= 1.0 and row["tokens_per_s"] > 0 and row["nonfinite_steps"] == 0
+    for row in metrics(out):   # spg_min's health and speed metrics, over both ranks: 2 x 3 completions of 8 tokens
+        assert 0.0 <= row["health/repeated_frac"] <= 1.0 and row["nonfinite_steps"] == 0
+        assert row["tokens_per_s"] * row["time/rollout_s"] == pytest.approx(2 * 3 * 8, rel=1e-9)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["shard"] == shard and summary["eval_after"]["n"] == 8
     assert (out / "ckpt_000003" / "state.pt").exists()
+
+
+def test_a_collapse_on_both_ranks_is_counted_once(tmp_path, shim):       # B09 over ranks
+    """Every completion on both ranks is one repeated token: health/repeated_frac is 1 (not 2) and the warning
+    is printed once, by rank 0."""
+    out = tmp_path / "run"
+    stdout = torchrun(tmp_path, 2, "--max-steps", "1", "--out", str(out), script=shim, env={"REPEAT": "1"})
+    assert metrics(out)[0]["health/repeated_frac"] == 1.0
+    assert stdout.count("the collapse of field case B09") == 1
 
 
 def test_groups_never_straddle_ranks():                                  # B15
