@@ -436,19 +436,23 @@ def hidden_states(model, ids, attention_mask):
 
 
 class TargetLogprob(torch.autograd.Function):
-    """log softmax(logits)[target]: logits [R, V] float32, targets [R] -> [R]. Its backward writes d logp / d logits
-    = onehot(target) - softmax into the saved logits' own buffer (which target_logprobs' checkpoint recomputes for
-    it alone), so a chunk of the loss pass holds one [R, V] float32 buffer, forward or backward: field case B33's
-    bound of 1.5 chunks (autograd's own gather + logsumexp holds four). Values equal log_softmax's."""
+    """log softmax(logits)[target]: logits [rows, V] float32, targets [rows] -> [rows]; values equal log_softmax's.
+
+    Its backward writes d logp / d logits = onehot(target) - softmax into the saved logits' own buffer, so a chunk
+    of the loss pass holds one [rows, V] float32 buffer, forward or backward (field case B33: at most 1.5 chunks;
+    autograd's own gather + logsumexp holds four). That is safe only as target_logprobs uses it: under its
+    checkpoint, whose recomputation gives the logits to this function alone, from a head that does not save its own
+    output (nn.Linear does not)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
-        lse = torch.cat([torch.logsumexp(rows, -1) for rows in logits.split(LSE_ROWS)])     # [R], no [R, V] temp
+        lse = torch.cat([torch.logsumexp(rows, -1) for rows in logits.split(LSE_ROWS)])     # [rows], no [rows, V] temp
         ctx.save_for_backward(logits, targets, lse)
         return logits.gather(-1, targets[:, None])[:, 0] - lse
 
     @staticmethod
-    def backward(ctx, grad):                                                          # grad [R]
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):                                                          # grad [rows]
         logits, targets, lse = ctx.saved_tensors
         g = logits.sub_(lse[:, None]).exp_().neg_()                                   # -softmax, in place
         g.scatter_add_(1, targets[:, None], torch.ones_like(lse)[:, None])            # onehot - softmax
@@ -456,18 +460,18 @@ class TargetLogprob(torch.autograd.Function):
 
 
 def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None):
-    """log softmax(head(h))[target] in float32: h [N, T, d], targets [N, T] -> [N, T].
+    """log softmax(head(h))[target] in float32: h [..., d], targets [...] -> [...] (any leading shape).
 
-    Rows that fit one chunk of LOGP_CHUNK_BYTES float32 logits (the tiny model's always do) are computed directly.
-    More go chunk by chunk, each checkpointed under autograd and scored by TargetLogprob, so one chunk of [rows, V]
-    logits is alive at a time, forward or backward; value and gradient equal the direct computation. head is
-    called as a module (scale/'s FSDP runs its hooks)."""
+    Rows whose logits fit a quarter chunk of LOGP_CHUNK_BYTES (autograd's four copies fit one; the tiny model's
+    always do) are computed directly. More go chunk by chunk, each checkpointed under autograd and scored by
+    TargetLogprob, so about one chunk of [rows, V] logits is alive at a time, forward or backward; value and
+    gradient equal the direct computation. head is called as a module (scale/'s FSDP runs its hooks)."""
     def one_chunk(hc, tc):
         return TargetLogprob.apply(head(hc).float(), tc)                              # [rows]
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     chunk_rows = chunk_rows or max(1, LOGP_CHUNK_BYTES // (4 * head.out_features))
-    if flat_h.shape[0] <= chunk_rows:
-        logits = head(flat_h).float()                                                 # [N*T, V]
+    if 4 * flat_h.shape[0] <= chunk_rows:
+        logits = head(flat_h).float()                                                 # [rows, V]
         return (logits.gather(-1, flat_t[:, None])[:, 0] - torch.logsumexp(logits, -1)).view(targets.shape)
     parts = []
     for i in range(0, flat_h.shape[0], chunk_rows):
@@ -879,6 +883,16 @@ def run_checkpoints(out: Path) -> dict[Path, int]:
             and in_run(p, out) and (p / "state.pt").exists()}
 
 
+def checkpoint_writer(ckpt: Path) -> str | None:
+    """"scale" or "spg_min": the script that wrote a checkpoint (scale/'s meta.json names its world size); None
+    without meta.json. Neither script resumes the other's: scale/'s RNG states are per rank and its optimizer
+    state is keyed by parameter name, spg_min's by position."""
+    meta = ckpt / "meta.json"
+    if not meta.is_file():
+        return None
+    return "scale" if "world_size" in json.loads(meta.read_text()) else "spg_min"
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     steps = run_checkpoints(out)
     return max(steps, key=steps.get) if steps else None
@@ -996,9 +1010,6 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
     over. Resuming an earlier checkpoint of this run keeps what it overwrites (supersede). UsageError
     if it does not fit the model. Returns (its step, the run's summary with this config)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    if "torch_rng_per_rank" in state:                      # scale/'s layout: per-rank RNGs, name-keyed optimizer
-        raise T.UsageError(f"{ckpt} was written by scale/train.py: continue it with torchrun scale/train.py "
-                           "--resume (eval.py --adapter scores it), or pass another --out")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state["model"]) != trainable:                   # strict=False below: the frozen weights are not saved
         raise T.UsageError(f"{ckpt} does not fit this model ({len(set(state['model']) - trainable)} weights it has "
@@ -1033,6 +1044,10 @@ def train(cfg: Config) -> dict:
     validate(cfg)                                   # every check comes before data and model loading
     torch.manual_seed(cfg.seed)                     # the global RNG (LoRA init and dropout) derives from the seed too
     out = check_out(cfg)
+    ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
+    if ckpt and checkpoint_writer(ckpt) == "scale":          # refused before anything loads
+        raise T.UsageError(f"{ckpt} was written by scale/train.py: continue it with torchrun scale/train.py "
+                           "--resume (eval.py --adapter scores it), or pass another --out")
     tok, style, ids = load_tokenizer(cfg)
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
     task = T.get_task(cfg.task, d1_compat=cfg.d1_compat)
@@ -1041,7 +1056,6 @@ def train(cfg: Config) -> dict:
     model = load_model(cfg, len(tok))
     out.mkdir(parents=True, exist_ok=True)          # only now: a run refused above leaves no empty --out behind
     device = next(model.parameters()).device
-    ckpt = {"auto": latest_checkpoint(out), "none": None}.get(cfg.resume, Path(cfg.resume))
     if style == "tiny" and cfg.warm_start_steps and not (ckpt and cfg.estimator != "d1"):  # SPG resumes its weights
         sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])
     # d1's KL reference: the model as RL starts (the warm start; a resumed run's reference is the same)

@@ -16,15 +16,17 @@ def read_run(run: Path):
     """(steps, reward means, rollout temperature, eval steps, eval accuracies); step 0 is the evaluation before RL."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
-    evals = [(0, summary["eval_before"]["accuracy"])] if "eval_before" in summary else []   # not: a bare checkpoint
-    if "eval_at_resume" in summary:                                       # ... whose run starts at its own step
+    evals = []
+    if "eval_before" in summary:              # a run resumed from a bare checkpoint has none ...
+        evals.append((0, summary["eval_before"]["accuracy"]))
+    if "eval_at_resume" in summary:           # ... but an evaluation at the checkpoint's step
         evals.append((summary["eval_at_resume"]["step"], summary["eval_at_resume"]["accuracy"]))
     evals += [(r["step"], r["eval"]["accuracy"]) for r in rows if "eval" in r]
-    if "eval_after" in summary:
+    if "eval_after" in summary:               # absent until the run ends
         evals.append((summary["steps"], summary["eval_after"]["accuracy"]))
-    eval_steps, accuracy = zip(*evals) if evals else ((), ())                # --eval-every 0, killed: none yet
-    return [r["step"] for r in rows], [r["reward/mean"] for r in rows], summary["config"]["temperature"], eval_steps, \
-        accuracy
+    eval_steps, accuracy = zip(*sorted(evals)) if evals else ((), ())
+    return ([r["step"] for r in rows], [r["reward/mean"] for r in rows], summary["config"]["temperature"],
+            eval_steps, accuracy)
 
 
 def main():

@@ -119,8 +119,7 @@ def main(argv=None):
     latest = S.latest_checkpoint(out) if out.is_dir() else None
     if latest and not args.resume:
         p.error(f"{out} already holds {latest.name}: pass --resume to continue, or a fresh --out")
-    meta = latest / "meta.json" if latest else None
-    if meta and meta.is_file() and "world_size" not in json.loads(meta.read_text()):   # spg_min's layout
+    if latest and S.checkpoint_writer(latest) == "spg_min":
         p.error(f"{latest} was written by spg_min.py: continue it with spg_min.py (its optimizer state is keyed "
                 "by position, not by name), or pass a fresh --out")
     cuda = torch.cuda.is_available()

@@ -109,8 +109,8 @@ def test_evaluate_decodes_the_paper_s_way(monkeypatch):
     for style in ("tiny", "paper"):
         S.evaluate(net, tok, tasks.get_task("sudoku"), examples, cfg, style=style, mask_id=ids["mask"],
                    stop_ids=(ids["eos"], ids["eot"]))
-    (tiny_prompts, tiny_kw), (paper_prompts, _) = seen
-    assert (tiny_kw["steps"], tiny_kw["temperature"]) == (12, 0.0)
+    (tiny_prompts, tiny_kw), (paper_prompts, paper_kw) = seen
+    assert (tiny_kw["steps"], tiny_kw["temperature"]) == (paper_kw["steps"], paper_kw["temperature"]) == (12, 0.0)
     assert not tok.decode(tiny_prompts[0]).endswith(tasks.EVAL_PREFILL)
     assert tok.decode(paper_prompts[0]).endswith(tasks.EVAL_PREFILL)
 
@@ -129,7 +129,8 @@ def run_eval(tmp_path, monkeypatch, *flags):
 
 def test_eval_seed_draws_the_n_sample(tmp_path, monkeypatch):
     rows = run_eval(tmp_path, monkeypatch, "--n", "6", "--seed", "1")
-    assert [r["example"] for r in rows] == tasks.load_eval("sudoku", n=6, seed=1) != tasks.load_eval("sudoku", n=6)
+    assert [r["example"] for r in rows] == tasks.load_eval("sudoku", n=6, seed=1)
+    assert tasks.load_eval("sudoku", n=6, seed=1) != tasks.load_eval("sudoku", n=6)      # --seed mattered
 
 
 def test_an_adapter_is_loaded_at_its_own_rank_and_alpha_and_must_fit(tmp_path, monkeypatch):

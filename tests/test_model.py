@@ -287,9 +287,11 @@ def test_llada_roundtrip_and_4bit_close_to_fp32(tmp_path):
 
 @needs_fixture
 @pytest.mark.filterwarnings("ignore:bitsandbytes 0.50")  # fixture d_model 96: see load_llada; CUDA unaffected
-def test_an_spg_update_trains_lora_on_the_4bit_base():
+def test_an_spg_update_trains_lora_on_the_4bit_base(monkeypatch):
     """B27 through the loss pass itself (sequence_bounds calls the decoder and the head directly, under gradient
-    checkpointing): one SPG step with A = [+1, -1] moves every LoRA B and no base weight."""
+    checkpointing): one SPG step with A = [+1, -1] moves every LoRA B and no base weight. The same step with the
+    logits in chunks of 5 rows (TargetLogprob under its checkpoint, as at LLaDA's vocabulary) gives the same
+    gradients as the direct path."""
     ids = torch.load(FIXTURES / "llada_tiny_expected.pt")["input_ids"][:2]                # [2, 40]
     mask_id = M.special_ids(M.load_tokenizer(LLADA_TINY))["mask"]
     model = M.add_lora(M.load_llada(LLADA_TINY, load_in_4bit=True, dtype=torch.float32), gradient_checkpointing=True)
@@ -298,10 +300,19 @@ def test_an_spg_update_trains_lora_on_the_4bit_base():
     masked, t = S.block_forward_process(c, 24, m=2, block_length=8, p_mask_prompt=0.15,
                                         generator=torch.Generator().manual_seed(0))
     model.train()
-    elbo_b, eubo_b = S.sequence_bounds(model, ids, torch.ones_like(ids), c, masked, t, beta=1.5, mask_id=mask_id)
-    loss, _ = S.spg_loss(torch.tensor([1.0, -1.0]), elbo_b, eubo_b, num_tokens=c.sum())
-    loss.backward()
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def lora_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)                                                             # the same LoRA dropout
+        elbo_b, eubo_b = S.sequence_bounds(model, ids, torch.ones_like(ids), c, masked, t, beta=1.5, mask_id=mask_id)
+        S.spg_loss(torch.tensor([1.0, -1.0]), elbo_b, eubo_b, num_tokens=c.sum())[0].backward()
+        return [p.grad.clone() for p in trainable]
+    direct = lora_grads()
+    monkeypatch.setattr(S, "LOGP_CHUNK_BYTES", 5 * 384 * 4)                              # 5 rows of V = 384
+    chunked = lora_grads()
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(direct, chunked))
+    torch.optim.AdamW(trainable, lr=1e-3).step()
     assert_lora_trained(model, before)
 
 

@@ -352,13 +352,15 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, inproc):
         inproc(out, "--max-steps", "6")
 
 
-def test_a_checkpoint_of_scale_is_refused_with_the_command_that_continues_it(tmp_path, inproc):
+def test_a_checkpoint_of_scale_is_refused_with_the_command_that_continues_it(tmp_path, inproc, monkeypatch):
+    """scale/'s checkpoints name their world size in meta.json (per-rank RNGs, a name-keyed optimizer): refused
+    before any model loads, whatever their state.pt holds."""
     out = tmp_path / "run"
     inproc(out, "--max-steps", "1")
-    saved = state(out, 1)                                            # scale/'s keys: per-rank RNGs, no torch_rng
-    scale_state = {**{k: v for k, v in saved.items() if k != "torch_rng"}, "torch_rng_per_rank": [saved["torch_rng"]]}
     (out / "ckpt_000005").mkdir()                                    # --resume auto picks it up
-    torch.save(scale_state, out / "ckpt_000005" / "state.pt")
+    torch.save(state(out, 1), out / "ckpt_000005" / "state.pt")
+    (out / "ckpt_000005" / "meta.json").write_text(json.dumps({"step": 5, "world_size": 2, "config": {}}))
+    monkeypatch.setattr(S, "load_model", lambda *a: pytest.fail("loaded a model before refusing"))
     with pytest.raises(T.UsageError, match="written by scale/train.py: continue it with torchrun"):
         inproc(out, "--max-steps", "6")
     assert ckpts(out) == ["ckpt_000001", "ckpt_000005"]                # nothing moved aside or lost

@@ -50,9 +50,13 @@ if os.environ.get("LEARNABLE"):                                        # the fra
     ones = lambda text, ex: text.count("1") / max(len(text), 1)
     T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("ones", ones, 1.0),))
     S.load_model = lambda cfg, vocab: M.tiny_model(vocab, hidden_size=32, num_layers=2, seed=1)
-if os.environ.get("REPEAT"):                                           # every completion one repeated token
-    S.generate = lambda model, prompt_ids, attn, *, gen_length, **kw: torch.cat(
-        [prompt_ids, prompt_ids.new_full((len(prompt_ids), gen_length), 10)], 1)
+if os.environ.get("REPEAT"):                     # every completion one repeated token; rank 1 decodes slowly
+    import time
+    S.generate = lambda model, prompt_ids, attn, *, gen_length, **kw: (
+        time.sleep(0.3 * int(os.environ["RANK"])),
+        torch.cat([prompt_ids, prompt_ids.new_full((len(prompt_ids), gen_length), 10)], 1))[1]
+if os.environ.get("CHUNK_BYTES"):                                      # the loss pass's logits in small chunks
+    S.LOGP_CHUNK_BYTES = int(os.environ["CHUNK_BYTES"])
 if os.environ.get("NAN_AT"):                                           # "rank:n": that rank's n-th loss is NaN
     rank, n = map(int, os.environ["NAN_AT"].split(":"))
     calls, spg_loss = [0], S.spg_loss
@@ -123,11 +127,14 @@ def test_two_ranks_finish(tmp_path, shard):
 
 def test_a_collapse_on_both_ranks_is_counted_once(tmp_path, shim):       # B09 over ranks
     """Every completion on both ranks is one repeated token: health/repeated_frac is 1 (not 2) and the warning
-    is printed once, by rank 0."""
+    is printed once, by rank 0. Rank 1 decodes 0.3 s slower: time/rollout_s is its time, and tokens_per_s both
+    ranks' 2 x 3 x 8 tokens over it."""
     out = tmp_path / "run"
     stdout = torchrun(tmp_path, 2, "--max-steps", "1", "--out", str(out), script=shim, env={"REPEAT": "1"})
-    assert metrics(out)[0]["health/repeated_frac"] == 1.0
+    row = metrics(out)[0]
+    assert row["health/repeated_frac"] == 1.0
     assert stdout.count("the collapse of field case B09") == 1
+    assert row["time/rollout_s"] >= 0.3 and row["tokens_per_s"] * row["time/rollout_s"] == pytest.approx(48, rel=1e-9)
 
 
 def test_groups_never_straddle_ranks():                                  # B15
@@ -168,17 +175,19 @@ def test_one_step_same_for_one_and_two_ranks(tmp_path, shim):
     """B31: one optimizer step from the same global batch gives the same weights on 1 rank (rows accumulated one
     at a time) and on 2 ranks (FSDP2 and replicated + all-reduce), within 1e-5; and the step did move them.
     lr 1e-4: Adam's first step divides by |g| + 1e-8, so float noise in gradients near 1e-8 moves a weight by up
-    to ~6e-3 x lr (measured); at the tiny preset's lr 1e-3 that is 6e-6, too close to the bound to be a test."""
-    runs = {"1": ["--micro-batch", "1"], "fsdp": ["--shard", "fsdp"], "ddp": ["--shard", "ddp"]}
+    to ~6e-3 x lr (measured); at the tiny preset's lr 1e-3 that is 6e-6, too close to the bound to be a test.
+    "chunked": FSDP2 with the loss pass's logits in chunks of 5 rows (TargetLogprob, as at LLaDA's vocabulary)."""
+    runs = {"1": ["--micro-batch", "1"], "fsdp": ["--shard", "fsdp"], "ddp": ["--shard", "ddp"],
+            "chunked": ["--shard", "fsdp"]}
     for name, extra in runs.items():
         torchrun(tmp_path, 1 if name == "1" else 2, "--max-steps", "1", "--lr", "1e-4", "--out", str(tmp_path / name),
-                 *extra, script=shim)
+                 *extra, script=shim, env={"CHUNK_BYTES": str(5 * 108 * 4)} if name == "chunked" else None)
     one, _ = weights(tmp_path / "1", 1)
     import model as M
     init = {k: v for k, v in M.tiny_model(len(M.tiny_tokenizer()), seed=0).state_dict().items()}
     assert max_diff(one, init) > 5e-5, "the step changed nothing: the comparison would be vacuous"
     assert metrics(tmp_path / "1")[0]["reward/frac_zero_adv_groups"] < 1
-    for name in ("fsdp", "ddp"):
+    for name in ("fsdp", "ddp", "chunked"):
         assert max_diff(weights(tmp_path / name, 1)[0], one) < 1e-5, name
         for key in ("loss", "grad_norm"):   # Adam's first step is nearly scale-free: check the gradient's size too
             assert metrics(tmp_path / name)[0][key] == pytest.approx(metrics(tmp_path / "1")[0][key], rel=1e-5), key
