@@ -1184,7 +1184,7 @@ def train(cfg: Config) -> dict:
     summary["eval_after"], rows = evaluate_now("eval after RL")
     with open(out / "eval_generations.jsonl", "w") as f:
         f.writelines(json.dumps({**r, "example": ex}) + "\n" for r, ex in zip(rows, eval_set))  # ex: the puzzle
-    summary["steps"] = cfg.max_steps
+    summary["steps"] = max(cfg.max_steps, start_step)  # a checkpoint past --max-steps is evaluated at its own step
     write_summary(out, summary)
     print(f"held-out before RL: {summary.get('eval_before', 'not known')}\nheld-out after RL:  {summary['eval_after']}")
     return summary

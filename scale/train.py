@@ -284,7 +284,7 @@ def main(argv=None):
             log(f"stopped by a signal after step {step + 1}; continue with the same command plus --resume")
             dist.destroy_process_group()
             sys.exit(130)
-    summary["eval_after"], summary["steps"] = evaluate("eval after RL"), cfg.max_steps
+    summary["eval_after"], summary["steps"] = evaluate("eval after RL"), max(cfg.max_steps, start_step)
     if rank == 0:
         S.write_summary(out, summary)
     log(f"held-out before RL: {summary.get('eval_before', 'not known')}\nheld-out after RL:  {summary['eval_after']}")

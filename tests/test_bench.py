@@ -26,6 +26,7 @@ import model as M
 import spg_min as S
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))     # the bench scripts import as modules
 GEN = dict(gen_length=24, block_length=8, steps=12)    # 3 blocks x 4 steps, 2 tokens a step
 
 
@@ -637,3 +638,113 @@ def test_plot_reads_every_kind_of_run(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "plot_curves.py"), str(full), str(nothing), "--out",
                     str(tmp_path / "c.png")], check=True, capture_output=True, timeout=120)
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+# ---- the sixth mutation audit's survivors: each test below fails under the bug its comment names
+
+def test_warm_start_curve_trains_each_budget_once(monkeypatch):                       # B8
+    import warm_start_curve as W
+    done, seen = [0], []
+    monkeypatch.setattr(S, "sft_step", lambda *a, **k: done.__setitem__(0, done[0] + 1) or 0.5)
+    monkeypatch.setattr(S, "evaluate", lambda *a, **k: (seen.append(done[0]) or ({"accuracy": 0.0, "n": 1}, [])))
+    monkeypatch.setattr(sys, "argv", ["warm_start_curve.py", "--steps", "3,1", "--eval-n", "1"])
+    W.main()
+    assert seen == [1, 3]
+
+
+def test_rl_variants_accept_the_ends_of_the_clue_range():                            # B11
+    import rl_variants as RV
+    assert RV.clue_counts(f"{RV.MIN_CLUES},{RV.MAX_CLUES}") == [5, 14]
+
+
+def test_decode_work_per_token_by_hand():                                             # D1
+    import decode as D
+    assert D.work_per_token([(16, 70)] * 12, 16, 70) == (0.5, 0.5)
+    assert D.work_per_token([(8, 70), (16, 10)], 16, 70) == (2 / 24, (8 * 70 + 16 * 10) / (16 * 70 * 24))
+
+
+def test_perturb_adds_each_sigma_to_the_warm_start_not_to_the_last_draw(monkeypatch):  # B3
+    import noise_control as NC
+    monkeypatch.setattr(S, "sft_warm_start", lambda *a, **k: None)
+    warm, stds = {}, []
+
+    def evaluate(model, *a, **k):
+        sd = model.state_dict()
+        if not warm:
+            warm.update({n: v.clone() for n, v in sd.items()})
+        stds.append(torch.cat([(sd[n] - warm[n]).flatten() for n in sd if sd[n].is_floating_point()]).std().item())
+        return {"accuracy": 0.0, "n": 1}, []
+    monkeypatch.setattr(S, "evaluate", evaluate)
+    args, cfg = NC.parse(["perturb", "--sigmas", "1e-3,1e-3", "--", "--eval-n", "1"])
+    NC.run_perturb(args, cfg)
+    assert stds[0] == 0.0 and stds[1:] == pytest.approx([1e-3, 1e-3], rel=0.05)
+
+
+def test_gradient_probe_reports_the_pairwise_cosine_without_the_diagonal(tmp_path, monkeypatch, capsys):  # G2
+    """Batch gradients made exactly opposite (+1 and -1 on every weight): the pairwise cosine is -1."""
+    import gradient_probe as GP
+    nets, calls, bounds = [], [0], S.sequence_bounds
+    monkeypatch.setattr(S, "sequence_bounds", lambda net, *a, **k: (nets.append(net) or bounds(net, *a, **k)))
+
+    def opposite(adv, elbo_b, eubo_b, **kw):
+        calls[0] += 1
+        return 0 * elbo_b.sum() + (-1) ** calls[0] * sum(p.sum() for p in nets[-1].parameters()), {}
+    monkeypatch.setattr(S, "spg_loss", opposite)
+    GP.main(["--quick", "--cache-dir", str(tmp_path), "--warm-start-steps", "1"])
+    assert "cos -1.000 |" in capsys.readouterr().out
+
+
+def test_gradient_probe_sft_raises_the_elbo_of_its_batch(tmp_path, monkeypatch):      # G4
+    import gradient_probe as GP
+    seen, bounds = [], S.sequence_bounds
+
+    def record(net, *a, **k):
+        out = bounds(net, *a, **k)
+        seen.append((net, a, k, out[0].detach().sum().item()))
+        return out
+    monkeypatch.setattr(S, "sequence_bounds", record)
+    GP.main(["--quick", "--sft", "--sft-steps", "1", "--lr", "1e-3", "--cache-dir", str(tmp_path),
+             "--warm-start-steps", "1"])
+    net, a, k, before = seen[-1]                          # the last update's batch, after that update
+    with torch.no_grad():
+        after = bounds(net, *a, **k)[0].sum().item()
+    assert after > before
+
+
+def test_the_real_comparison_run_takes_any_estimator(monkeypatch, tmp_path):          # B5
+    """Only the shuffled control needs --estimator elbo; the --real run is the comparison and runs as asked."""
+    import noise_control as NC
+    ran = []
+    monkeypatch.setattr(S, "train", lambda cfg: ran.append(cfg.estimator) or {"eval_before": {}, "eval_after": {}})
+    args, cfg = NC.parse(["shuffle", "--real", "--out", str(tmp_path / "r"), "--", "--estimator", "mix"])
+    NC.run_shuffle(args, cfg)
+    assert ran == ["mix"]
+    with pytest.raises(SystemExit, match="--estimator elbo"):
+        NC.run_shuffle(*NC.parse(["shuffle", "--out", str(tmp_path / "s"), "--", "--estimator", "mix"]))
+
+
+def test_kl_anchor_logs_the_kl_per_counted_token(monkeypatch, tiny):                 # RV1
+    import rl_variants as RV
+    for name in ("sft_warm_start", "sequence_bounds", "spg_loss"):
+        monkeypatch.setattr(S, name, getattr(S, name))
+    monkeypatch.setattr(S, "sft_warm_start", lambda model: None)
+    _, tok, mask_id, _, _ = tiny
+    net = M.tiny_model(len(tok), seed=1)
+    RV.kl_anchor(0.5)
+    S.sft_warm_start(net)
+    gen = torch.Generator().manual_seed(3)
+    Lg, m = 8, 2
+    seqs = torch.randint(5, len(tok), (2, 6 + Lg), generator=gen)
+    attn, c = torch.ones_like(seqs), torch.ones(2, Lg, dtype=torch.bool)
+    c[1, 4:] = False
+    masked, t = S.block_forward_process(c, 6, m=m, block_length=4, p_mask_prompt=0.0, generator=gen)
+    with torch.no_grad():
+        ref = S.masked_logprobs(M.tiny_model(len(tok), seed=1), seqs, attn, masked, mask_id=mask_id, Lg=Lg)
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        d = ref - S.masked_logprobs(net, seqs, attn, masked, mask_id=mask_id, Lg=Lg)
+    counted = masked[..., -Lg:] & c[:, None]
+    expected = ((torch.exp(d) - d - 1) * counted).sum() / counted.sum()
+    _, stats = S.spg_loss(torch.tensor([0.5, -0.5]), *S.sequence_bounds(net, seqs, attn, c, masked, t, beta=1.0,
+                                                                          mask_id=mask_id), num_tokens=c.sum())
+    assert stats["kl_anchor/kl"] == pytest.approx(expected.item(), rel=1e-5)

@@ -8,6 +8,7 @@ differs between completions (so that advantages are non-zero and the weights mov
 inside step N until a file appears, or die inside the Nth torch.save. Each hook fires once, guarded by a marker file,
 so the resumed run is the same command in the same environment and runs clean.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -455,3 +456,66 @@ def test_resume_auto_takes_only_this_run_s_numbered_checkpoints(tmp_path, inproc
     inproc(out, "--resume", str(out / "ckpt_000002"), "--max-steps", "3")
     assert S.latest_checkpoint(out).name == "ckpt_000003" and (out / "superseded_1" / "ckpt_000003").is_dir()
     assert [r["step"] for r in metrics(out)] == [1, 2, 3] and metrics(out) != metrics(other)[:3]
+
+
+# ---- the sixth mutation audit's survivors: each test below fails under the bug its comment names
+
+def small_run(tmp_path, step):
+    tok = M.tiny_tokenizer()
+    net = M.tiny_model(len(tok), hidden_size=16, num_layers=1, seed=0)
+    opt = torch.optim.AdamW(net.parameters())
+    cfg = S.Config(task="sudoku", model="tiny")
+    return S.save_checkpoint(tmp_path, step, net, opt, cfg), net, opt, cfg
+
+
+def test_a_checkpoint_directory_without_its_state_is_not_a_checkpoint(tmp_path):      # S2
+    small_run(tmp_path, 1)
+    (tmp_path / "ckpt_000002").mkdir()                     # e.g. a copy that was cut short
+    assert S.run_checkpoints(tmp_path) == {tmp_path / "ckpt_000001": 1}
+    assert S.latest_checkpoint(tmp_path).name == "ckpt_000001"
+
+
+def test_resume_takes_the_skip_count_of_the_checkpoint_s_own_row(tmp_path):            # S14
+    ckpt, net, opt, cfg = small_run(tmp_path, 2)
+    rows = [{"step": 1, "nonfinite_steps": 0}, {"step": 2, "nonfinite_steps": 1}, {"step": 3, "nonfinite_steps": 2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    step, summary = S.resume_run(ckpt, tmp_path, net, opt, cfg)
+    assert step == 2 and summary["nonfinite_steps"] == 1
+
+
+def test_resuming_the_newest_checkpoint_moves_nothing_aside(tmp_path):                # S7, S8
+    ckpt, net, opt, cfg = small_run(tmp_path, 1)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "nonfinite_steps": 0}\n')
+    S.write_summary(tmp_path, {"eval_before": {"accuracy": 1.0}, "eval_after": {"accuracy": 2.0}, "steps": 1})
+    S.resume_run(ckpt, tmp_path, net, opt, cfg)             # a finished 1-step run continued to more steps
+    assert not list(tmp_path.glob("superseded_*"))
+
+
+def test_a_resumed_summary_drops_the_old_end_and_takes_this_config(tmp_path):         # S12, S13
+    old = S.Config(task="sudoku", model="tiny", max_steps=2)
+    S.write_summary(tmp_path, {"config": dataclasses.asdict(old), "eval_before": {"accuracy": 1.0},
+                               "eval_after": {"accuracy": 2.0}, "steps": 2, "nonfinite_steps": 0})
+    new = S.Config(task="sudoku", model="tiny", max_steps=5)
+    summary = S.resumed_summary(tmp_path, new)
+    assert summary == {"config": dataclasses.asdict(new), "eval_before": {"accuracy": 1.0}, "nonfinite_steps": 0}
+
+
+def test_a_resumed_d1_run_keeps_the_warm_start_as_its_reference(tmp_path, inproc):   # S27
+    """d1's KL reference is the warm start: a resumed d1 run rebuilds it (SPG's does not need it) and goes on as
+    the uninterrupted run does."""
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    d1 = ["--estimator", "d1", "--warm-start-steps", "2", "--d1-beta-kl", "1.0"]
+    inproc(whole, "--max-steps", "2", *d1)
+    inproc(out, "--max-steps", "1", *d1)
+    inproc(out, "--max-steps", "2", *d1)
+    assert metrics(out) == metrics(whole)
+
+
+def test_a_checkpoint_past_max_steps_is_recorded_at_its_own_step(tmp_path, inproc):
+    """Rerun with a smaller --max-steps, the newest checkpoint (step 2) is what gets evaluated: summary.json says
+    step 2, not 1."""
+    out = tmp_path / "run"
+    inproc(out, "--max-steps", "2")
+    summary = inproc(out, "--max-steps", "1")
+    assert summary["steps"] == 2 and json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert [row["step"] for row in metrics(out)] == [1, 2]

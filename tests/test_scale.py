@@ -278,3 +278,26 @@ def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, shim):
     torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(out), "--resume", script=shim, timeout=90)
     assert [row["nonfinite_steps"] for row in metrics(out)] == [0, 1, 1, 1]      # the count goes on after --resume
     assert json.loads((out / "summary.json").read_text())["nonfinite_steps"] == 1
+
+
+# ---- the sixth mutation audit's survivors: each test below fails under the bug its comment names
+
+def test_scale_resume_puts_back_each_rank_s_global_rng(tmp_path):                     # SC3
+    """LoRA dropout draws from the global RNG: a shim draws torch.rand once per loss call and logs it per rank; a run
+    cut after step 2 and resumed with --resume draws at steps 3-4 what the unbroken run drew there."""
+    hook = ('if os.environ.get("RNG_LOG"):\n'
+            '    _loss = S.spg_loss\n'
+            '    def drawing(*a, **kw):\n'
+            '        with open(os.environ["RNG_LOG"] + os.environ["RANK"], "a") as f:\n'
+            '            f.write(repr(torch.rand(1).item()) + "\\n")\n'
+            '        return _loss(*a, **kw)\n'
+            '    S.spg_loss = drawing\n')
+    shim = tmp_path / "shim.py"
+    shim.write_text(SHIM.replace("runpy.run_path", hook + "runpy.run_path", 1))
+    for name, runs in (("full", [["--max-steps", "4"]]), ("cut", [["--max-steps", "2"], ["--max-steps", "4", "--resume"]])):
+        for extra in runs:
+            torchrun(tmp_path, 2, *extra, "--out", str(tmp_path / name), script=shim,
+                     env={"RNG_LOG": str(tmp_path / f"{name}_rank")})
+    for rank in (0, 1):
+        full, cut = ((tmp_path / f"{n}_rank{rank}").read_text().split() for n in ("full", "cut"))
+        assert len(full) >= 4 and cut == full

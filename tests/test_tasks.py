@@ -7,6 +7,7 @@ import collections
 import csv
 import itertools
 import json
+import random
 import re
 import sys
 import warnings
@@ -664,3 +665,41 @@ def test_n_as_large_as_the_set_keeps_file_order(tmp_path):
 def test_an_empty_gsm8k_gold_gives_no_correctness_and_says_so():      # B03 (2): no reward on an unparsable gold
     with pytest.warns(UserWarning, match="gold"):
         assert fns("gsm8k")["correctness"]("<answer>72</answer>", {"question": "q", "answer": ""}) == 0.0
+
+
+# ---- the sixth mutation audit's survivors: each test below fails under the bug its comment names
+
+def test_generated_countdown_problems_reach_100():                                    # T11, T13
+    rows = tasks._countdown_generate(2000, 0)
+    assert any(r["target"] == 100 for r in rows) and any(100 in r["nums"] for r in rows)
+
+
+def test_the_training_order_depends_on_the_seed():                                    # T16
+    a, b = tasks.load_train("gsm8k", seed=0), tasks.load_train("gsm8k", seed=1)
+    assert a != b and sorted(map(str, a)) == sorted(map(str, b))
+
+
+def test_paper_gsm8k_target_keeps_the_worked_solution_without_calculator_tags():     # T23, T24
+    ex = tasks._gsm8k_row({"question": "q", "answer": "She has 2+3=<<2+3=5>>5 apples.\n#### 5"})
+    assert tasks.target_completion("gsm8k", ex, style="paper") == \
+        "<reasoning>\nShe has 2+3=5 apples.\n</reasoning>\n<answer>\n5\n</answer>\n"
+
+
+def test_a_few_shot_puzzle_is_never_generated():                                      # T5
+    few = tasks.SUDOKU_FEWSHOT_PUZZLES[0]
+    clues = [i for i, d in enumerate(few) if d != "0"]
+    gid, = [k for k, g in enumerate(tasks.SUDOKU_GRIDS) if all(p in ("0", d) for p, d in zip(few, g))]
+
+    class Rigged(random.Random):                             # draws the few-shot puzzle's cells first
+        first = True
+
+        def sample(self, population, k):
+            if self.first:
+                self.first = False
+                return list(clues)
+            return super().sample(population, k)
+
+        def choices(self, population, weights=None, **kw):
+            return [len(clues)]
+    rows = tasks._sudoku_generate([gid], [1], Rigged(0))
+    assert len(rows) == 1 and rows[0]["puzzle"] != few and tasks.sudoku_completions(rows[0]["puzzle"]) == 1

@@ -556,3 +556,11 @@ def test_each_task_runs_the_paper_s_optimizer_steps():
     steps = {task: (lambda cfg: cfg.max_steps * cfg.mu)(S.parse_config(["--task", task]))
              for task in ("gsm8k", "math", "countdown", "sudoku")}
     assert steps == {"gsm8k": 6000, "math": 4000, "countdown": 6000, "sudoku": 2500}
+
+
+# ---- the sixth mutation audit's survivors: each test below fails under the bug its comment names
+
+def test_the_rl_training_set_is_drawn_with_the_run_s_seed():                          # S28
+    tok = M.tiny_tokenizer()
+    sets = [S.load_train_set(S.Config(task="sudoku", model="tiny", seed=s), tok, "tiny") for s in (1, 2)]
+    assert sets[0] == S.T.load_train("sudoku", seed=1) and sets[0] != sets[1]
