@@ -459,6 +459,11 @@ class TargetLogprob(torch.autograd.Function):
         return g.mul_(grad[:, None]), None                                            # d loss / d logits
 
 
+def logits_chunk_rows(V: int) -> int:
+    """Rows of float32 logits over a vocabulary of V in one chunk of LOGP_CHUNK_BYTES (66 at LLaDA's 126,464)."""
+    return max(1, LOGP_CHUNK_BYTES // (4 * V))
+
+
 def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None):
     """log softmax(head(h))[target] in float32: h [..., d], targets [...] -> [...] (any leading shape).
 
@@ -469,7 +474,7 @@ def target_logprobs(head, h: torch.Tensor, targets: torch.Tensor, chunk_rows: in
     def one_chunk(hc, tc):
         return TargetLogprob.apply(head(hc).float(), tc)                              # [rows]
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    chunk_rows = chunk_rows or max(1, LOGP_CHUNK_BYTES // (4 * head.out_features))
+    chunk_rows = chunk_rows or logits_chunk_rows(head.out_features)
     if 4 * flat_h.shape[0] <= chunk_rows:
         logits = head(flat_h).float()                                                 # [rows, V]
         return (logits.gather(-1, flat_t[:, None])[:, 0] - torch.logsumexp(logits, -1)).view(targets.shape)
@@ -989,6 +994,13 @@ def resumed_summary(run: Path, cfg: Config) -> dict:
     return {**summary, "config": dataclasses.asdict(cfg)}
 
 
+def nonfinite_steps_at(out: Path, step: int) -> int:
+    """Cut metrics.jsonl back to `step` (cut_metrics) for a resumed run; the count of skipped non-finite steps its
+    last kept row had, from which the run goes on (0 without one)."""
+    kept = cut_metrics(out, step)
+    return json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
+
+
 def cut_metrics(out: Path, step: int) -> list[str]:
     """Drop the metrics.jsonl rows logged after `step` (a resumed run logs them again); returns the rows kept."""
     path = out / "metrics.jsonl"
@@ -1031,8 +1043,7 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
     elif (origin / "metrics.jsonl").is_file():
         shutil.copyfile(origin / "metrics.jsonl", out / "metrics.jsonl")
     summary = resumed_summary(origin, cfg)
-    kept = cut_metrics(out, step)
-    summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
+    summary["nonfinite_steps"] = nonfinite_steps_at(out, step)
     return step, summary
 
 

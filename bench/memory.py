@@ -45,7 +45,7 @@ def estimate(sh: dict, cfg: S.Config, prompt_length: int) -> dict:
         "LoRA weights + grads + AdamW states (fp32)": lora * 4 * 4 / GB,
         "activations (34 B x d per token per layer, bf16)": 34 * d * tokens * n / GB,
         "logits chunk (LOGP_CHUNK_BYTES + LSE_ROWS rows: TargetLogprob)":
-            S.LOGP_CHUNK_BYTES * (1 + S.LSE_ROWS / (S.LOGP_CHUNK_BYTES // (4 * V))) / GB,
+            S.LOGP_CHUNK_BYTES * (1 + S.LSE_ROWS / S.logits_chunk_rows(V)) / GB,
     }
 
 

@@ -163,8 +163,7 @@ def main(argv=None):
             if cuda and cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng)
         if rank == 0:           # drop metrics rows logged after the checkpoint; the skip count goes on from there
-            kept = S.cut_metrics(out, start_step)
-            summary["nonfinite_steps"] = json.loads(kept[-1]).get("nonfinite_steps", 0) if kept else 0
+            summary["nonfinite_steps"] = S.nonfinite_steps_at(out, start_step)
     elif rank == 0:                                   # a run killed before its first save: its log is kept aside
         S.start_log_over(out)
 

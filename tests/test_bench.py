@@ -187,7 +187,6 @@ def test_memory_estimate_adds_up():
 
 def test_ablation_run_done_only_at_its_length(tmp_path):
     """A run finished at 20 steps is not a finished 150-step run (it is continued, never reported as one)."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import ablation as A
     (tmp_path / "summary.json").write_text(json.dumps({"eval_after": {"accuracy": 40.0}, "steps": 20}))
     assert A.is_done(tmp_path, 20) and not A.is_done(tmp_path, 150)
@@ -198,7 +197,6 @@ def test_ablation_run_done_only_at_its_length(tmp_path):
 def test_ablation_seeds_are_distinct_runs_and_the_threshold_is_inclusive(tmp_path):
     """Each seed 1..N is its own run (its own --seed and folder); "steps to +gain" counts an evaluation that lands
     exactly on the threshold."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import ablation as A
     args = A.parse_args(["--seeds", "3", "--out", str(tmp_path)])
     configs = [A.config_for("sudoku", "mix", s, args) for s in (1, 2, 3)]
@@ -208,7 +206,6 @@ def test_ablation_seeds_are_distinct_runs_and_the_threshold_is_inclusive(tmp_pat
 
 def test_ablation_summary_hand_computed():
     """bench/ablation.py's per-config numbers on two hand-made seeds."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import ablation as A
     runs = [{"before": 50.0, "after": 58.0, "evals": [(0, 50.0), (25, 54.0), (50, 56.0), (75, 58.0)],
              "reward": [0.1] * 5 + [0.5] * 10},
@@ -227,7 +224,6 @@ def test_ablation_bench_quick(tmp_path, monkeypatch):
 
     A 3-step warm start earns no task reward, so every advantage would be 0 and no loss path would run: the
     in-process run swaps in a reward that differs between completions, so every config takes a real gradient."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import ablation as A
     import tasks as T
     varied = lambda text, ex: (zlib.crc32(text.encode()) % 101) / 100     # stand-in reward, differs by completion
@@ -282,7 +278,6 @@ def test_gradient_probe_quick(tmp_path, extra):
 
 def test_shuffled_within_groups_keeps_each_group():
     """bench/noise_control.py: rewards move only within their group, and every group keeps its multiset."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import noise_control as NC
     rewards = torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0, 2.0, 3.0, 4.0, 5.0])
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
@@ -294,7 +289,6 @@ def test_shuffled_within_groups_keeps_each_group():
 
 
 def test_perturbed_adds_noise_of_the_given_size():
-    sys.path.insert(0, str(ROOT / "bench"))
     import noise_control as NC
     state = {"w": torch.zeros(200, 200), "steps": torch.tensor([3])}
     out = NC.perturbed(state, 1e-3, torch.Generator().manual_seed(0))
@@ -347,14 +341,18 @@ def test_warm_start_curve_quick():
     assert bad.returncode == 2 and "positive step counts" in bad.stderr
 
 
-def test_cell_advantages_by_hand():
-    """bench/cell_credit.py: each empty cell's correctness minus its group mean, on the token that writes it."""
-    sys.path.insert(0, str(ROOT / "bench"))
+def cell_credit_setup():
+    """bench/cell_credit.py, the tiny tokenizer, its digit ids and a puzzle whose cells 0 and 15 are empty."""
     import cell_credit as CC
-    import model as M
     tok = M.tiny_tokenizer()
     digit_ids = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
-    ex = {"puzzle": "0234" + "3412" + "2143" + "432" + "0", "solution": "1234341221434321"}   # cells 0 and 15 empty
+    ex = {"puzzle": "0234" + "3412" + "2143" + "432" + "0", "solution": "1234341221434321"}
+    return CC, tok, digit_ids, ex
+
+
+def test_cell_advantages_by_hand():
+    """bench/cell_credit.py: each empty cell's correctness minus its group mean, on the token that writes it."""
+    CC, tok, digit_ids, ex = cell_credit_setup()
     rows = ["<answer>\n1234341221434321\n</answer>",      # both right
             "<answer>\n4234341221434321\n</answer>",      # cell 0 wrong
             "<answer>\n1234341221434324\n</answer>"]      # cell 15 wrong
@@ -372,7 +370,6 @@ def test_cell_advantages_by_hand():
 def test_cell_credit_quick(tmp_path):
     """Two steps from a 3-step warm start: random digits differ between completions, so cells get credit and the
     update runs (grad norm > 0), and the run writes its metrics and before/after evaluations."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import cell_credit as CC
     summary = CC.main(["--max-steps", "2", "--warm-start-steps", "3", "--eval-n", "8", "--eval-every", "1",
                        "--cache-dir", str(tmp_path), "--out", str(tmp_path / "run")])
@@ -385,7 +382,6 @@ def test_cell_credit_quick(tmp_path):
 def test_rl_variants_few_empties_reach_rl_only(monkeypatch, tmp_path):
     """bench/rl_variants.py few-empties: train()'s training set has the given clue counts; the warm start's set
     and the held-out set keep the published ones, and the module state is restored between the calls."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import rl_variants as RV
     import tasks as T
     for name in ("load_train_set", "warm_start_setup"):     # restored by monkeypatch after the test
@@ -413,7 +409,6 @@ def test_rl_variants_kl_anchor_adds_the_k3_kl(monkeypatch, tiny):
     """bench/rl_variants.py kl-anchor: at the warm start the loss is SPG's exactly; after the weights move, the
     patched loss is SPG's plus beta x the k3 KL to the warm start over the masked completion tokens, computed here
     from the two models' log-probs, and its gradient is SPG's plus that term's."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import rl_variants as RV
     for name in ("sft_warm_start", "sequence_bounds", "spg_loss"):     # restored by monkeypatch after the test
         monkeypatch.setattr(S, name, getattr(S, name))
@@ -461,7 +456,6 @@ def test_rl_variants_kl_anchor_quick(tmp_path, monkeypatch, capsys):
     exists): two RL steps of 2 inner updates log a finite KL > 0 (the weights have moved from the reference by the
     last update); with --estimator d1, which has its own KL, it refuses to run. A 3-step warm start earns no
     reward, so the in-process run swaps in one that differs between completions, as the ablation's quick test."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import rl_variants as RV
     import tasks as T
     for name in ("sft_warm_start", "sequence_bounds", "spg_loss"):     # restored by monkeypatch after the test
@@ -546,9 +540,8 @@ def test_threshold_zero_is_a_threshold(tiny):
     schedule's 12 (a falsy test would drop it)."""
     net, tok, mask_id, _, _ = tiny
     ids, attn = S.encode_prompts(tok, ["abc", "de"])
-    _, sizes = decoder_batch_sizes(net, lambda: S.generate(net, ids, attn, temperature=0.0, mask_id=mask_id,
-                                                           threshold=0.0, **GEN))
-    assert len(sizes) == 3
+    _, calls = run(net, ids, attn, mask_id, threshold=0.0)
+    assert calls == 3
 
 
 def test_threshold_is_strict():
@@ -571,11 +564,7 @@ def test_threshold_is_strict():
 
 def test_cell_advantages_of_two_groups_and_a_wrong_given():
     """Two groups of 2: each group's own mean; a wrong given cell earns nothing."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import cell_credit as CC
-    tok = M.tiny_tokenizer()
-    digit_ids = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
-    ex = {"puzzle": "0234" + "3412" + "2143" + "432" + "0", "solution": "1234341221434321"}   # cells 0 and 15 empty
+    CC, tok, digit_ids, ex = cell_credit_setup()
     rows = ["<answer>\n1234341221434321\n</answer>", "<answer>\n4234341221434321\n</answer>",   # group 0
             "<answer>\n1334341221434321\n</answer>", "<answer>\n1234341221434321\n</answer>"]   # group 1: given 1 wrong
     comp = torch.tensor([tok(r, add_special_tokens=False)["input_ids"] for r in rows])
@@ -585,7 +574,6 @@ def test_cell_advantages_of_two_groups_and_a_wrong_given():
 
 
 def test_ablation_reads_the_final_evaluation_and_prints_the_range(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
     import ablation as A
     (tmp_path / "summary.json").write_text(json.dumps({"eval_before": {"accuracy": 50.0},
                                                        "eval_after": {"accuracy": 58.0}, "steps": 4}))
@@ -600,7 +588,6 @@ def test_ablation_reads_the_final_evaluation_and_prints_the_range(tmp_path):
 
 def test_memory_estimate_term_by_term():
     """Each term for LLaDA-8B at the single-GPU defaults (P 200 + Lg 256, micro-batch 2 x m 2), by hand."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import memory as MEM
     d, n, f, V, GB = 4096, 32, 12288, 126464, 2 ** 30
     est = list(MEM.estimate(MEM.LLADA_8B_SHAPES, S.parse_config(["--task", "gsm8k"]), 200).values())
@@ -618,7 +605,6 @@ def test_memory_estimate_term_by_term():
 def test_plot_reads_every_kind_of_run(tmp_path):
     """bench/plot_curves.py: before / periodic / after evaluations in order; a bare checkpoint's resume evaluation
     at its step; a run with no evaluation yet plots its rewards (it crashed on unpacking)."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import plot_curves as PC
 
     def run(name, summary, rows):

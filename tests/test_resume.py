@@ -105,6 +105,15 @@ def state(out, step):
     return torch.load(out / f"ckpt_{step:06d}" / "state.pt", map_location="cpu", weights_only=False)
 
 
+def small_run(tmp_path, step):
+    """A checkpoint at `step` of a small tiny model, saved in tmp_path: (its dir, model, optimizer, config)."""
+    tok = M.tiny_tokenizer()
+    net = M.tiny_model(len(tok), hidden_size=16, num_layers=1, seed=0)   # seeded without the global RNG
+    opt = torch.optim.AdamW(net.parameters())
+    cfg = S.Config(task="sudoku", model="tiny")
+    return S.save_checkpoint(tmp_path, step, net, opt, cfg), net, opt, cfg
+
+
 def same_tensors(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -369,12 +378,8 @@ def test_a_checkpoint_of_scale_is_refused_with_the_command_that_continues_it(tmp
 
 def test_resume_restores_the_global_rng(tmp_path):
     """LoRA dropout draws from the global RNG: resume_run puts back the stream a checkpoint saved."""
-    tok = M.tiny_tokenizer()
-    net = M.tiny_model(len(tok), hidden_size=16, num_layers=1, seed=0)
-    opt = torch.optim.AdamW(net.parameters())
-    cfg = S.Config(task="sudoku", model="tiny")
-    torch.manual_seed(5)
-    ckpt = S.save_checkpoint(tmp_path, 1, net, opt, cfg)
+    torch.manual_seed(5)                                  # small_run draws nothing from the global RNG
+    ckpt, net, opt, cfg = small_run(tmp_path, 1)
     expected = torch.rand(4)
     torch.manual_seed(0)
     S.resume_run(ckpt, ckpt.parent, net, opt, cfg)
@@ -459,13 +464,6 @@ def test_resume_auto_takes_only_this_run_s_numbered_checkpoints(tmp_path, inproc
 
 
 # ---- the sixth mutation audit's survivors: each test below fails under the bug its comment names
-
-def small_run(tmp_path, step):
-    tok = M.tiny_tokenizer()
-    net = M.tiny_model(len(tok), hidden_size=16, num_layers=1, seed=0)
-    opt = torch.optim.AdamW(net.parameters())
-    cfg = S.Config(task="sudoku", model="tiny")
-    return S.save_checkpoint(tmp_path, step, net, opt, cfg), net, opt, cfg
 
 
 def test_a_checkpoint_directory_without_its_state_is_not_a_checkpoint(tmp_path):      # S2

@@ -18,6 +18,7 @@ from tokenizers.pre_tokenizers import Whitespace
 
 import model as M
 import spg_min as S
+from test_resume import chars_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -469,9 +470,9 @@ LOOP = ["--task", "sudoku", "--model", "tiny", "--warm-start-steps", "0", "--eva
 
 
 def varied_reward(monkeypatch):
-    """A reward that differs between completions (the sum of character codes mod 5), so advantages are not 0."""
-    chars = lambda text, ex: sum(map(ord, text)) % 5 / 4
-    monkeypatch.setitem(S.T.TASKS, "sudoku", dataclasses.replace(S.T.TASKS["sudoku"], reward_funcs=(("chars", chars, 1.0),)))
+    """A reward that differs between completions (test_resume's), so advantages are not 0."""
+    monkeypatch.setitem(S.T.TASKS, "sudoku", dataclasses.replace(S.T.TASKS["sudoku"],
+                                                                 reward_funcs=(("chars", chars_reward, 1.0),)))
 
 
 def test_rollouts_groups_and_masks_are_wired_as_the_paper_says(tmp_path, monkeypatch):
@@ -479,7 +480,7 @@ def test_rollouts_groups_and_masks_are_wired_as_the_paper_says(tmp_path, monkeyp
     (h)12: rollouts and evaluation decode in eval mode without autograd; (h)8: each of the mu inner updates draws
     its own masks. Group 0's rewards tie, so only groups 1 and 2 are scored, with their own group ids."""
     first = []                                                            # group 0's puzzle
-    chars = lambda text, ex: 0.5 if ex["puzzle"] == first[0] else sum(map(ord, text)) % 5 / 4
+    chars = lambda text, ex: 0.5 if ex["puzzle"] == first[0] else chars_reward(text, ex)
     monkeypatch.setitem(S.T.TASKS, "sudoku", dataclasses.replace(S.T.TASKS["sudoku"], reward_funcs=(("chars", chars, 1.0),)))
     calls = {"generate": [], "rewards": [], "masks": []}
     generate, score_rewards, block = S.generate, S.score_rewards, S.FORWARD_PROCESS["block"]
