@@ -32,8 +32,9 @@ Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; s
   4. the attention mask is honoured (left padding is invisible to the model), and sampling at T > 0 draws
      exactly from softmax(logits / T) (reference: bf16 Gumbel noise);
   5. block choice uniform over the blocks holding completion tokens (reference: randperm(K) % n_blocks);
-  6. the g completions of a prompt share their mask draws (common random numbers): the tokens they share
-     then get gradients that cancel in sum_j A_j grad bound_j (sum_j A_j = 0), which cuts the noise;
+  6. the g completions of a prompt share their mask draws (common random numbers): the tokens they share then
+     get gradients that cancel in sum_j A_j grad bound_j (sum_j A_j = 0; exactly with one bound for every sign
+     of A, nearly with the mixture for A < 0), which cuts the noise;
   7. groups with identical rewards have advantage exactly 0 and are skipped in the loss pass (same
      gradient, less compute), as is a completion whose reward is its group's mean up to rounding.
 
@@ -180,7 +181,10 @@ def validate(cfg: Config) -> None:
     need(0.0 < cfg.d1_epsilon < 1.0, f"d1_epsilon={cfg.d1_epsilon} must lie in (0, 1)")
     need(cfg.d1_beta_kl >= 0.0, f"d1_beta_kl={cfg.d1_beta_kl} must be >= 0")
     need(cfg.masking in FORWARD_PROCESS, f"masking={cfg.masking!r}: choose from {sorted(FORWARD_PROCESS)}")
-    need(cfg.beta >= 1.0, f"beta={cfg.beta}: the Renyi bound needs beta >= 1 (Lemma 1)")
+    need(cfg.beta > 0.0, f"beta={cfg.beta} must be > 0 (the Renyi order; Lemma 1's upper bound needs beta >= 1)")
+    if cfg.beta < 1.0:   # the paper's Table 12 runs 0.5 and 0.75: its "implicit mixture", not an upper bound
+        warnings.warn(f"beta={cfg.beta} < 1: the EUBO is then no upper bound of log pi (Lemma 1 needs beta >= 1); "
+                      "the paper runs 0.5 and 0.75 as its 'implicit mixture' ablation (Table 12)")
     need(0.0 <= cfg.omega <= 1.0, f"omega={cfg.omega} must lie in [0, 1] (Eq. 8)")
     need(0.0 <= cfg.p_mask_prompt < 1.0, f"p_mask_prompt={cfg.p_mask_prompt} must lie in [0, 1)")
     need(cfg.num_mc >= 1 and cfg.mu >= 1 and cfg.micro_batch >= 1, "num_mc, mu and micro_batch must be >= 1")
@@ -253,8 +257,9 @@ def collapse_warning(repeated_frac: float, step: int) -> str:
 
 def _uniform(shape, group_ids, generator, device) -> torch.Tensor:
     """U(0, 1) draws of shape [B, ...]. With group_ids [B], one draw per group, shared by its members
-    (common random numbers: the g completions of a prompt are masked alike, so the gradients of the
-    tokens they share cancel in sum_j A_j grad bound_j, as sum_j A_j = 0; each bound keeps its distribution)."""
+    (common random numbers: the g completions of a prompt are masked alike, so the gradients of the tokens they
+    share cancel in sum_j A_j grad bound_j, as sum_j A_j = 0: exactly where one bound scores every completion,
+    nearly where negatives use the mixture and positives the ELBO; each bound keeps its distribution)."""
     if group_ids is None:
         return torch.rand(shape, generator=generator, device=device)
     _, gid = torch.unique(group_ids, return_inverse=True)
@@ -353,7 +358,8 @@ def eubo(logp: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, beta: float,
     computed in log space (logsumexp over j), so logp = -80 stays finite and counted (field case B09).
     logp, masked [B, m, Lg]; t [B, m]. Tokens masked in no sample are left out and the sum is rescaled by
     lengths / n_valid (lengths [B] = |c|; None: no rescaling). Returns [B] (nats). The MC estimate of a
-    log of an expectation is biased by Jensen's inequality; the paper accepts this (Cor. 1).
+    log of an expectation is biased by Jensen's inequality; the paper accepts this (Cor. 1). Lemma 1 needs
+    beta >= 1; the paper also runs 0.5 and 0.75 (Table 12, its "implicit mixture"), where it is no upper bound.
     """
     m = logp.shape[1]
     log_terms = beta * logp - torch.log(t.clamp_min(1e-8))[..., None]                # [B, m, Lg]

@@ -30,7 +30,7 @@ def no_loading(monkeypatch):
     (dict(gen_length=60, block_length=16), "block_length"),              # B21
     (dict(gen_length=64, block_length=16, steps=10), "steps"),
     (dict(group_size=1), "group_size"),                                  # B15
-    (dict(beta=0.5), "beta"),
+    (dict(beta=0.0), "beta"),
     (dict(omega=1.5), "omega"),
     (dict(estimator="ppo"), "estimator"),
     (dict(masking="bernoulli"), "masking"),
@@ -74,6 +74,20 @@ def test_the_ends_of_documented_ranges_are_accepted():
     for overrides in (dict(omega=0.0), dict(omega=1.0), dict(temperature=0.0), dict(p_mask_prompt=0.0),
                       dict(weight_decay=0.0), dict(model="some/llada", lora_rank=1, lora_alpha=1)):
         S.validate(S.Config(**overrides))
+
+
+def test_a_renyi_order_below_one_is_run_with_a_warning(recwarn):
+    """Table 12 runs beta 0.5 and 0.75 (the "implicit mixture"): accepted, with a warning that Lemma 1's upper
+    bound needs beta >= 1; beta 1 and above give no warning; beta <= 0 is refused."""
+    for beta in (0.5, 0.75):
+        with pytest.warns(UserWarning, match=f"beta={beta} < 1.*Lemma 1.*Table 12"):
+            S.validate(S.Config(beta=beta))
+    recwarn.clear()
+    S.validate(S.Config(beta=1.0))
+    S.validate(S.Config(beta=2.0))
+    assert not [w for w in recwarn if "beta" in str(w.message)]
+    with pytest.raises(ValueError, match="beta=-1.0 must be > 0"):
+        S.validate(S.Config(beta=-1.0))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits do not bind it")
