@@ -197,8 +197,10 @@ def last_number(text):
     return Fraction(found[-1].replace(",", "")) if found and len(found[-1]) <= 100 else None  # no 5000-digit answers
 
 def strict_format(c, ex, d1_compat=False):
-    """0.5 if the whole completion is <reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n (B01): one block of
-    each, whose lines hold no tag (without DOTALL the reference's pattern could not span two blocks either)."""
+    """0.5 if the whole completion is <reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>, then at most one
+    newline (B01): one block of each, whose lines hold no tag (without DOTALL the reference's pattern could not span
+    two blocks either). The reference's `\\n$` asks for one or two final newlines; a completion cut at its stop
+    token ends at `</answer>`, so here none or one."""
     if d1_compat:  # reference: no DOTALL, so reasoning and answer must each be one line
         return 0.5 if re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", c) else 0.0
     inner = r"(?:(?!</?(?:reasoning|answer)>).)*"  # any lines, but no tag: one reasoning and one answer block
@@ -293,15 +295,21 @@ def math_equal(pred, gold):
 def _math_gold(ex):
     return str(ex.get("answer") or "").strip()
 
-def _math_pred(c, box=last_answer_box):
+def _math_pred(c):
     """What MATH's eval reads: the last box holding an answer, else the answer tag (reference: the last box, even
-    `\\boxed{...}`, else the whole text). The training reward reads with box=last_boxed (data.md 3.2)."""
-    return box(c) or answer_tag(c)
+    `\\boxed{...}`, else the whole text)."""
+    return last_answer_box(c) or answer_tag(c)
 
-def _math_correct(c, ex, box=last_boxed):
-    """2.0 if the last \\boxed{} (else the answer tag) is equivalent to the gold answer."""
+def _math_correct(c, ex):
+    """2.0 if the last \\boxed{} is equivalent to the gold answer (data.md 3.2). Without a balanced box the
+    reference takes the whole text as the answer, so only a bare answer passes; the answer tag is not read."""
     gold = _math_gold(ex)
-    return (2.0 if math_equal(_math_pred(c, box), gold) else 0.0) if gold else _bad_gold("math")
+    if not gold:
+        return _bad_gold("math")
+    boxed = last_boxed(c)
+    if boxed is None:
+        return 2.0 if _normalize_math(c) == _normalize_math(gold) else 0.0
+    return 2.0 if math_equal(boxed, gold) else 0.0
 
 def _math_format(c, ex):
     """0.5 for a closed <answer> pair + 0.25 for a \\boxed{} inside it (max 0.75, see note 4 above)."""
@@ -309,7 +317,8 @@ def _math_format(c, ex):
     return 0.0 if content is None else 0.5 + (0.25 if "\\boxed" in content else 0.0)
 
 def _math_score(c, ex):
-    return _math_correct(c, ex, box=last_answer_box) / 2.0
+    gold = _math_gold(ex)
+    return (1.0 if math_equal(_math_pred(c), gold) else 0.0) if gold else _bad_gold("math")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Countdown. Row (file): {"input": "30,100,93", "output": "23"} -> {"nums": [30, 100, 93], "target": 23}
@@ -354,7 +363,8 @@ def _countdown_solved(expr, ex):
     return parsed is not None and parsed[1] == sorted(ex["nums"]) and parsed[0] == ex["target"]
 
 def _countdown_reward(c, ex):
-    """1.0 if the last <answer> expression uses each number once and equals the target; 0.1 if well-formed."""
+    """1.0 if the last <answer> expression uses each number once and equals the target; 0.1 if it is another
+    expression countdown_eval can evaluate (not one that divides by zero: the reference gives that 0.1 too)."""
     expr = closed_answer_tag(c)
     if not expr:
         return 0.0

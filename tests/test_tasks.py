@@ -614,6 +614,18 @@ def test_math_format_needs_a_closed_answer_tag():                      # a cut-o
     assert fmt("<answer>\\boxed{5}</answer>", {}) == 0.75 and fmt("<answer>5</answer>", {}) == 0.5
 
 
+def test_math_training_reward_reads_only_the_box():                   # data.md 3.2
+    """The reference's correctness reward reads the last box, else the whole text: an answer tag without a box
+    earns no correctness (eval, by our deviation, reads the tag); a bare answer is the whole text and passes."""
+    task, ex = tasks.get_task("math"), {"problem": "p", "answer": "5"}
+    tagged = "<reasoning>\nx\n</reasoning>\n<answer>\n5\n</answer>"
+    assert fns("math")["correctness"](tagged, ex) == 0.0 and task.reward(tagged, ex) == 0.5 and task.score(tagged, ex) == 1.0
+    boxed = "<reasoning>\nx\n</reasoning>\n<answer>\n\\boxed{5}\n</answer>"
+    assert task.reward(boxed, ex) == 2.75 and task.score(boxed, ex) == 1.0
+    assert fns("math")["correctness"](" 5 ", ex) == 2.0
+    assert fns("math")["correctness"]("\\boxed{5} then \\boxed{6", ex) == 0.0      # an unbalanced last box: whole text
+
+
 def test_countdown_reads_latex_division_and_string_numbers():          # data.md 4.2, pitfall 11
     ex = {"nums": [8, 4, 2], "target": 4}
     assert tasks.get_task("countdown").score("\\boxed{8 \\div 4 \\times 2}", ex) == 1.0
