@@ -7,8 +7,9 @@ The loop is spg_min.train's, built from its pure functions. What distribution ch
   1. each rank takes num_prompts / world WHOLE groups: prompts j = rank*k .. rank*k+k-1 of the single-process
      order for (seed, step), so group means (Eq. 4) need no collective and the union over ranks is that batch;
   2. rollouts and masks are drawn per group, from generators keyed by (seed, step, j) and (seed, step, it, j),
-     so the update does not depend on the number of ranks or the micro-batch (spg_min draws one generator
-     for the whole batch, so its rollouts differ from these for the same seed: README "Equivalence");
+     so the update does not depend on the number of ranks or the micro-batch, except through LoRA's dropout
+     masks, drawn from each rank's own stream; spg_min draws one generator for the whole batch, so its
+     rollouts differ from these for the same seed (README "Equivalence");
   3. the loss is divided by the GLOBAL completion-token count (all-reduced) and gradients are SUMMED over
      ranks, so the gradient equals the single-process one for any world size and accumulation (B31);
   4. every rank runs the same number of forwards (FSDP all-gathers in each): zero-advantage groups are skipped
@@ -186,8 +187,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         S.write_summary(out, summary)
     stop_signal, nonfinite_in_a_row = [], 0
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_signal.append(1))
+    handlers = {sig: signal.signal(sig, lambda *_: stop_signal.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
         # ---- rollouts: this rank's k prompts of the single-process batch, one group of g completions at a time
@@ -226,8 +226,9 @@ def main(argv=None):
                 for sl in (slice(lo, lo + cfg.micro_batch) for lo in range(0, g, cfg.micro_batch)):
                     elbo_b, eubo_b = S.sequence_bounds(model, gr["seqs"][sl], gr["attn"][sl], gr["c"][sl], masked[sl],
                                                        t[sl], beta=cfg.beta, mask_id=mask_id)    # [b], [b]
-                    loss, bounds = S.spg_loss(gr["adv"][sl], elbo_b, eubo_b, num_tokens=num_tokens,
+                    loss, scored = S.spg_loss(gr["adv"][sl], elbo_b, eubo_b, num_tokens=num_tokens,
                                               estimator=cfg.estimator, omega=cfg.omega)
+                    bounds = scored if gr["adv"].any() else bounds          # a 0-advantage filler is not logged
                     loss.backward()
                     loss_sum += loss.detach()
             if shard == "ddp" and n_run:   # SUM, not mean: each rank's loss already carries 1 / (global token count)
@@ -283,6 +284,8 @@ def main(argv=None):
             log(f"stopped by a signal after step {step + 1}; continue with the same command plus --resume")
             dist.destroy_process_group()
             sys.exit(130)
+    for sig, handler in handlers.items():             # a signal stops the final evaluation at once, as in spg_min
+        signal.signal(sig, handler)
     summary["eval_after"], summary["steps"] = evaluate("eval after RL"), max(cfg.max_steps, start_step)
     if rank == 0:
         S.write_summary(out, summary)

@@ -35,15 +35,16 @@ T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("varie
 if os.environ.get("EVAL_BY_PUZZLE"):                                   # eval credit known per puzzle
     T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], score_fn=lambda text, ex: (zlib.crc32(
         ex["puzzle"].encode()) % 101) / 100)
-if os.environ.get("ONE_ACTIVE"):                                       # only global prompt 0 of step 0 varies
+if os.environ.get("ONE_ACTIVE"):                     # only global prompt ONE_ACTIVE of step 0 varies
     load_train_set, loaded = S.load_train_set, {{}}
     def remember(cfg, tok, style):
         loaded["set"] = load_train_set(cfg, tok, style)
         return loaded["set"]
     S.load_train_set = remember
     def one_active(text, ex):
-        first = int(torch.randperm(len(loaded["set"]), generator=S.make_generator(1, 0, 0))[0])   # seed 1, step 0
-        return varied(text, ex) if ex is loaded["set"][first] else 0.5
+        j = int(os.environ["ONE_ACTIVE"])
+        chosen = int(torch.randperm(len(loaded["set"]), generator=S.make_generator(1, 0, 0))[j])   # seed 1, step 0
+        return varied(text, ex) if ex is loaded["set"][chosen] else 0.5
     T.TASKS["sudoku"] = dataclasses.replace(T.TASKS["sudoku"], reward_funcs=(("one", one_active, 1.0),))
 if os.environ.get("LEARNABLE"):                                        # the fraction of "1"s, on a small model
     import model as M
@@ -215,13 +216,15 @@ def test_eval_on_two_ranks_scores_each_problem_once_in_order(tmp_path, shim):
 
 
 def test_zero_advantage_groups_fill_in_without_dropping_active_ones(tmp_path, shim):
-    """One active group of 4 (3 with all-equal rewards): rank 0 holds it and rank 1 none, so rank 1 runs a
-    filler. The step equals the one-rank step, and that one did train (its gradient is not 0)."""
+    """One active group of 4 (3 with all-equal rewards): prompt 2, so rank 1 holds it and rank 0 none, and rank 0
+    runs a filler. The step equals the one-rank step, and that one did train (its gradient is not 0). The filler's
+    bounds are not logged: rank 0 scored no active group."""
     for name, ranks in (("one", 1), ("two", 2)):
         torchrun(tmp_path, ranks, "--max-steps", "1", "--num-prompts", "4", "--seed", "1", "--lr", "1e-4",
-                 "--out", str(tmp_path / name), script=shim, env={"ONE_ACTIVE": "1"})
+                 "--out", str(tmp_path / name), script=shim, env={"ONE_ACTIVE": "2"})
     one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
     assert one["reward/frac_zero_adv_groups"] == 0.75 and one["grad_norm"] > 0
+    assert "bound/elbo" in one and "bound/elbo" not in two and "bound/eubo" not in two
     assert max_diff(weights(tmp_path / "two", 1)[0], weights(tmp_path / "one", 1)[0]) < 1e-5
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
 
