@@ -32,9 +32,9 @@ Deliberate differences from the authors' code (facebookresearch/SPG @ a1c7120; s
   4. the attention mask is honoured (left padding is invisible to the model), and sampling at T > 0 draws
      exactly from softmax(logits / T) (reference: bf16 Gumbel noise);
   5. block choice uniform over the blocks holding completion tokens (reference: randperm(K) % n_blocks);
-  6. the g completions of a prompt share their mask draws (common random numbers): the tokens they share then
-     get gradients that cancel in sum_j A_j grad bound_j (sum_j A_j = 0; exactly with one bound for every sign
-     of A, nearly with the mixture for A < 0), which cuts the noise;
+  6. the g completions of a prompt share their mask draws (common random numbers): the tokens they share are
+     masked alike, so their gradients largely cancel in sum_j A_j grad bound_j (sum_j A_j = 0; not exactly: the
+     rest of each completion differs, and under the mixture so do the bounds of A > 0 and A < 0): less noise;
   7. groups with identical rewards have advantage exactly 0 and are skipped in the loss pass (same
      gradient, less compute), as is a completion whose reward is its group's mean up to rounding.
 
@@ -182,7 +182,7 @@ def validate(cfg: Config) -> None:
     need(cfg.d1_beta_kl >= 0.0, f"d1_beta_kl={cfg.d1_beta_kl} must be >= 0")
     need(cfg.masking in FORWARD_PROCESS, f"masking={cfg.masking!r}: choose from {sorted(FORWARD_PROCESS)}")
     need(cfg.beta > 0.0, f"beta={cfg.beta} must be > 0 (the Renyi order; Lemma 1's upper bound needs beta >= 1)")
-    if cfg.beta < 1.0:   # the paper's Table 12 runs 0.5 and 0.75: its "implicit mixture", not an upper bound
+    if cfg.beta < 1.0 and (cfg.estimator == "eubo" or (cfg.estimator == "mix" and cfg.omega > 0)):  # Table 12
         warnings.warn(f"beta={cfg.beta} < 1: the EUBO is then no upper bound of log pi (Lemma 1 needs beta >= 1); "
                       "the paper runs 0.5 and 0.75 as its 'implicit mixture' ablation (Table 12)")
     need(0.0 <= cfg.omega <= 1.0, f"omega={cfg.omega} must lie in [0, 1] (Eq. 8)")
@@ -258,8 +258,8 @@ def collapse_warning(repeated_frac: float, step: int) -> str:
 def _uniform(shape, group_ids, generator, device) -> torch.Tensor:
     """U(0, 1) draws of shape [B, ...]. With group_ids [B], one draw per group, shared by its members
     (common random numbers: the g completions of a prompt are masked alike, so the gradients of the tokens they
-    share cancel in sum_j A_j grad bound_j, as sum_j A_j = 0: exactly where one bound scores every completion,
-    nearly where negatives use the mixture and positives the ELBO; each bound keeps its distribution)."""
+    share largely cancel in sum_j A_j grad bound_j, as sum_j A_j = 0; not exactly, as the rest of each completion
+    differs, and so may the bound; each bound keeps its distribution)."""
     if group_ids is None:
         return torch.rand(shape, generator=generator, device=device)
     _, gid = torch.unique(group_ids, return_inverse=True)

@@ -11,9 +11,12 @@ tests/test_tasks.py. Deliberate departures from the reference (the reference is 
   3. xmlcount: 0.125 per tag present exactly once, minus 0.001 per character after `\\n</answer>` (one newline
      free), clipped to [0, 0.5]. (SPG penalises the answer's own length, d1 the whole text without a final newline.)
   4. MATH: answers are equal when their normalised strings match or math-verify says so (time-limited; floats
-     compared to 6 decimals); the format reward is 0.5 for a closed <answer> pair + 0.25 for a \\boxed{} in it
-     (the reference's `"\\boxed"` check is a backspace bug; its constant 0.25 floor does not change advantages).
-  5. Countdown: parsed with `ast`, never `eval`; exact Fraction arithmetic; 0.1 only for a well-formed expression.
+     compared to 6 decimals); the training reward with no box compares the whole text as a normalised string only
+     (the reference's whole-text fallback); the format reward is 0.5 for a closed <answer> pair + 0.25 for a
+     \\boxed{} in it (the reference's `"\\boxed"` check is a backspace bug; its constant 0.25 floor does not change
+     advantages).
+  5. Countdown: parsed with `ast`, never `eval`; exact Fraction arithmetic; 0.1 only for a well-formed expression
+     (one that divides by zero is not: 0, where the reference gives 0.1).
      Signs (`-100 + 93 + 30`) are accepted as the reference does; `**`, `//` and decimals, which its pattern lets
      through, are refused.
   6. Eval answers (not training rewards) come from the last \\boxed{} that holds one (`\\boxed{}` and the prompt's
@@ -364,7 +367,7 @@ def _countdown_solved(expr, ex):
 
 def _countdown_reward(c, ex):
     """1.0 if the last <answer> expression uses each number once and equals the target; 0.1 if it is another
-    expression countdown_eval can evaluate (not one that divides by zero: the reference gives that 0.1 too)."""
+    expression countdown_eval can evaluate (one that divides by zero gets 0 here, 0.1 in the reference)."""
     expr = closed_answer_tag(c)
     if not expr:
         return 0.0

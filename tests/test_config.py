@@ -78,13 +78,15 @@ def test_the_ends_of_documented_ranges_are_accepted():
 
 def test_a_renyi_order_below_one_is_run_with_a_warning(recwarn):
     """Table 12 runs beta 0.5 and 0.75 (the "implicit mixture"): accepted, with a warning that Lemma 1's upper
-    bound needs beta >= 1; beta 1 and above give no warning; beta <= 0 is refused."""
+    bound needs beta >= 1; beta 1 and above, or a loss without the EUBO, give no warning; beta <= 0 is refused."""
     for beta in (0.5, 0.75):
         with pytest.warns(UserWarning, match=f"beta={beta} < 1.*Lemma 1.*Table 12"):
             S.validate(S.Config(beta=beta))
     recwarn.clear()
     S.validate(S.Config(beta=1.0))
     S.validate(S.Config(beta=2.0))
+    S.validate(S.Config(beta=0.5, estimator="elbo"))                   # no EUBO in the loss: nothing to warn of
+    S.validate(S.Config(beta=0.5, omega=0.0))
     assert not [w for w in recwarn if "beta" in str(w.message)]
     with pytest.raises(ValueError, match="beta=-1.0 must be > 0"):
         S.validate(S.Config(beta=-1.0))

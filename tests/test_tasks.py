@@ -619,11 +619,18 @@ def test_math_training_reward_reads_only_the_box():                   # data.md 
     earns no correctness (eval, by our deviation, reads the tag); a bare answer is the whole text and passes."""
     task, ex = tasks.get_task("math"), {"problem": "p", "answer": "5"}
     tagged = "<reasoning>\nx\n</reasoning>\n<answer>\n5\n</answer>"
-    assert fns("math")["correctness"](tagged, ex) == 0.0 and task.reward(tagged, ex) == 0.5 and task.score(tagged, ex) == 1.0
+    assert fns("math")["correctness"](tagged, ex) == 0.0 and task.reward(tagged, ex) == 0.5
+    assert task.score(tagged, ex) == 1.0
     boxed = "<reasoning>\nx\n</reasoning>\n<answer>\n\\boxed{5}\n</answer>"
     assert task.reward(boxed, ex) == 2.75 and task.score(boxed, ex) == 1.0
     assert fns("math")["correctness"](" 5 ", ex) == 2.0
     assert fns("math")["correctness"]("\\boxed{5} then \\boxed{6", ex) == 0.0      # an unbalanced last box: whole text
+
+
+def test_countdown_division_by_zero_is_no_expression():              # README deviation 8 (reference: 0.1)
+    reward = tasks.get_task("countdown").reward
+    ex = {"nums": [30, 93, 100], "target": 23}
+    assert reward("<answer>30/0+93-100</answer>", ex) == 0.0 and reward("<answer>30/1+93-100</answer>", ex) == 0.1
 
 
 def test_countdown_reads_latex_division_and_string_numbers():          # data.md 4.2, pitfall 11
