@@ -40,7 +40,7 @@ def load_for_eval(model_name: str, adapter: str | None, vocab_size: int):
     return net.eval()
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--task", required=True, choices=["gsm8k", "math", "countdown", "sudoku"])
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--data-dir", default=None, help="local data laid out like ../shared/data")
     p.add_argument("--eval-file", default=None, help="evaluate on this file instead of the published test set")
     p.add_argument("--out", default="runs/eval", help="[%(default)s]")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     for length in args.gen_lengths:                   # in eval.py's own flags (validate() below names Config fields)
         blocks = length // args.block_length if args.block_length > 0 else 0
         if length < 1 or blocks < 1 or length % args.block_length or (length // 2) % blocks:

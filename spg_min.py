@@ -1015,6 +1015,22 @@ def cut_metrics(out: Path, step: int) -> list[str]:
     return kept
 
 
+def check_fits(saved: dict, model, ckpt: Path) -> None:
+    """A checkpoint's weights (name -> tensor) must be exactly the model's trainable ones (the frozen weights are not
+    saved): UsageError naming how many it has not and lacks, else a resume would load part of it silently."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != trainable:
+        raise T.UsageError(f"{ckpt} does not fit this model ({len(set(saved) - trainable)} weights it has not, "
+                           f"{len(trainable - set(saved))} it lacks): resume with the run's own config")
+
+
+def changed_settings(saved: dict, cfg: Config) -> list[str]:
+    """The settings of cfg that differ from a checkpoint's saved config, as "name old -> new" (out, resume and
+    max_steps, which a resume changes by design, left out; a setting the checkpoint predates is not listed)."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("out", "resume", "max_steps") and k in saved and saved[k] != v]
+
+
 def use_settings(opt, cfg: Config) -> None:
     """A resumed optimizer takes this command's learning rate, Adam eps and weight decay, not its checkpoint's."""
     for group in opt.param_groups:
@@ -1028,20 +1044,15 @@ def resume_run(ckpt: Path, out: Path, model, opt, cfg: Config) -> tuple[int, dic
     over. Resuming an earlier checkpoint of this run keeps what it overwrites (supersede). UsageError
     if it does not fit the model. Returns (its step, the run's summary with this config)."""
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(state["model"]) != trainable:                   # strict=False below: the frozen weights are not saved
-        raise T.UsageError(f"{ckpt} does not fit this model ({len(set(state['model']) - trainable)} weights it has "
-                           f"not, {len(trainable - set(state['model']))} it lacks): resume with the run's own config")
-    model.load_state_dict(state["model"], strict=False)
+    check_fits(state["model"], model, ckpt)
+    model.load_state_dict(state["model"], strict=False)   # strict=False: the frozen weights are not saved
     opt.load_state_dict(state["optimizer"])
     use_settings(opt, cfg)
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    step, saved = state["step"], state.get("config", {})
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k not in ("out", "resume", "max_steps") and k in saved and saved[k] != v]
-    if changed:
+    step = state["step"]
+    if changed := changed_settings(state.get("config", {}), cfg):
         print(f"resumed with a changed config: {', '.join(changed)}")
     origin = ckpt.resolve().parent                         # out, or another run this one branches off (check_out)
     if in_run(ckpt, out):

@@ -79,8 +79,7 @@ def main(argv=None):
     base = S.load_model(cfg, len(tok))
     if a.warm_start_steps is not None:
         cfg.warm_start_steps = a.warm_start_steps
-    S.sft_warm_start(base, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"],
-                     path=Path(a.cache_dir) / f"probe_quick_{cfg.warm_start_steps}.pt" if a.quick else None)
+    S.sft_warm_start(base, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])   # cached as spg_min's
     train_probe = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))]
     train_probe = train_probe[:a.eval_n]
 

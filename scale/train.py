@@ -140,7 +140,7 @@ def main(argv=None):
     model = S.load_model(cfg, len(tok))
     model = model.to(device) if style == "tiny" else model           # LLaDA is loaded onto this rank's GPU already
     mask_id, stop_ids = ids["mask"], (ids["eos"], ids["eot"])
-    if style == "tiny" and cfg.warm_start_steps:
+    if style == "tiny" and cfg.warm_start_steps and not latest:      # a resumed run loads its weights, as spg_min
         if rank == 0:
             S.sft_warm_start(model, tok, cfg, style=style, mask_id=mask_id, eos_id=ids["eos"])
         for t in model.state_dict().values():
@@ -153,6 +153,9 @@ def main(argv=None):
     torch.manual_seed(S.make_generator(cfg.seed, -1, rank).initial_seed())  # this rank's dropout stream (no step is -1)
     if latest:                  # every rank reads the full state (--out on a shared filesystem) and keeps its shard
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
+        S.check_fits(state["model"], model, latest)   # every rank raises alike (FSDP2 keeps the parameter names)
+        if changed := S.changed_settings(state.get("config", {}), cfg):
+            log(f"resumed with a changed config: {', '.join(changed)}")
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         S.use_settings(opt, cfg)                    # the command's lr, eps and weight decay, as spg_min

@@ -6,7 +6,7 @@ forward batch, and a block stops once no row is left. So threshold=None is the d
 met (> 1) decodes exactly like it with the same number of model calls, and a threshold always met (< 0) decodes
 every block in one call.
 
-Run: python -m pytest -q tests/test_bench.py      (the quick runs take a few minutes on 2 cores)
+Run: python -m pytest -q tests/test_bench.py      (about 5 min on 2 cores, most of it the quick runs)
 """
 import argparse
 import dataclasses
@@ -223,10 +223,12 @@ def test_ablation_bench_quick(tmp_path, monkeypatch):
     """Every task x config for 1 step from a 3-step warm start; a second call finds every run done and trains nothing.
 
     A 3-step warm start earns no task reward, so every advantage would be 0 and no loss path would run: the
-    in-process run swaps in a reward that differs between completions, so every config takes a real gradient."""
+    in-process run swaps in a reward that differs between completions, so every config takes a real gradient.
+    It generates 500 Countdown training problems, not 20,000 (most of a 1-step run's time was making them)."""
     import ablation as A
     import tasks as T
     varied = lambda text, ex: (zlib.crc32(text.encode()) % 101) / 100     # stand-in reward, differs by completion
+    monkeypatch.setattr(T, "COUNTDOWN_TRAIN_SIZE", 500)
     for task in A.TASKS:
         monkeypatch.setitem(T.TASKS, task, dataclasses.replace(T.TASKS[task], reward_funcs=(("varied", varied, 1.0),)))
     A.main(["--quick", "--out", str(tmp_path)])
@@ -257,12 +259,19 @@ def test_ablation_bench_quick(tmp_path, monkeypatch):
 ONES = ["--reward", "ones", "--warm-start-steps", "100", "--temperature", "0.3"]
 
 
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory):
+    """One --cache-dir for the quick runs of this module: a warm start of a given budget is trained once (about
+    0.5 s a step) and loaded by the other runs, as spg_min's cache does between runs."""
+    return tmp_path_factory.mktemp("warm_cache")
+
+
 @pytest.mark.parametrize("extra", [ONES, ["--sft"], ["--unshared-masks"]])
-def test_gradient_probe_quick(tmp_path, extra):
+def test_gradient_probe_quick(warm_cache, extra):
     """bench/gradient_probe.py --quick runs to the end: the gradient consistency line and one step, or SFT. The
     control reward (the fraction of "1" cells; a 100-step warm start writes the answer tag) gives batch gradients
     that agree (cos well above 0) and a step along their mean raises that reward."""
-    cmd = [sys.executable, str(ROOT / "bench" / "gradient_probe.py"), "--quick", "--cache-dir", str(tmp_path), *extra]
+    cmd = [sys.executable, str(ROOT / "bench" / "gradient_probe.py"), "--quick", "--cache-dir", str(warm_cache), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     if "--sft" in extra:
@@ -296,35 +305,36 @@ def test_perturbed_adds_noise_of_the_given_size():
     assert torch.equal(state["w"], torch.zeros(200, 200))               # the warm state is left as it was
 
 
-def noise_control(tmp_path, *args, warm_steps=3, spg_flags=()):
-    flags = ["--warm-start-steps", str(warm_steps), "--cache-dir", str(tmp_path), "--max-steps", "1", "--num-prompts",
+def noise_control(cache_dir, *args, warm_steps=3, spg_flags=()):
+    flags = ["--warm-start-steps", str(warm_steps), "--cache-dir", str(cache_dir), "--max-steps", "1", "--num-prompts",
              "2", "--eval-n", "8", "--eval-every", "1", "--estimator", "elbo", *spg_flags]
     cmd = [sys.executable, str(ROOT / "bench" / "noise_control.py"), *args, "--", *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)   # a hang guard: ~1 min alone
 
 
-def test_noise_control_shuffle_quick(tmp_path):
+def test_noise_control_shuffle_quick(tmp_path, warm_cache):
     """The shuffled run and the real run share their first rollouts, so their first losses differ only because the
     rewards were permuted; --adam-eps reaches the RL optimizer; a non-elbo estimator is refused. A 100-step warm
-    start (about 30 s) writes closed answers, so that rewards differ within a group."""
+    start (about 50 s; gradient_probe's control run trains the same one) writes closed answers, so that rewards
+    differ within a group."""
     runs = {}
     for name, extra in (("shuffled", []), ("real", ["--real"])):
-        proc = noise_control(tmp_path, "shuffle", "--out", str(tmp_path / name), *extra, warm_steps=100)
+        proc = noise_control(warm_cache, "shuffle", "--out", str(tmp_path / name), *extra, warm_steps=100)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     assert runs["shuffled"]["reward/mean"] == runs["real"]["reward/mean"] and runs["real"]["reward/std"] > 0
     assert runs["shuffled"]["loss"] != runs["real"]["loss"]
-    eps = noise_control(tmp_path, "shuffle", "--out", str(tmp_path / "eps"), spg_flags=["--adam-eps", "1e-4",
+    eps = noise_control(warm_cache, "shuffle", "--out", str(tmp_path / "eps"), spg_flags=["--adam-eps", "1e-4",
                                                                                      "--save-every", "1"])
     assert eps.returncode == 0
     state = torch.load(tmp_path / "eps" / "ckpt_000001" / "state.pt", weights_only=False)
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-4
-    refused = noise_control(tmp_path, "shuffle", "--out", str(tmp_path / "mix"), spg_flags=["--estimator", "mix"])
+    refused = noise_control(warm_cache, "shuffle", "--out", str(tmp_path / "mix"), spg_flags=["--estimator", "mix"])
     assert refused.returncode != 0 and "--estimator elbo" in refused.stderr
 
 
-def test_noise_control_perturb_quick(tmp_path):
-    proc = noise_control(tmp_path, "perturb", "--sigmas", "1e-3")
+def test_noise_control_perturb_quick(warm_cache):
+    proc = noise_control(warm_cache, "perturb", "--sigmas", "1e-3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [x["sigma"] for x in lines] == [0.0, 1e-3] and all(x["n"] == 8 for x in lines)

@@ -46,19 +46,23 @@ def test_eval_writes_generations_and_table(tmp_path):
     assert table[0].startswith("| length | accuracy") and len(table) == 4
 
 
-def test_bad_input_is_a_usage_error_before_the_model_loads(tmp_path):
+def test_bad_input_is_a_usage_error_before_the_model_loads(tmp_path, capsys):
     """Every generation length, the --eval-file and the --adapter are checked before anything runs: exit 2 with
-    the problem named, no traceback, no output folder."""
-    base = [sys.executable, str(ROOT / "eval.py"), "--task", "sudoku", "--model", "tiny", "--block-length", "8",
-            "--out", str(tmp_path / "ev")]
-    for extra, named in [(["--gen-lengths", "16", "12"], "--gen-lengths 12 with --block-length 8: each length must"),
-                         (["--gen-lengths", "8", "--block-length", "1"], "--gen-lengths 8 with --block-length 1"),
+    the problem named, no traceback, no output folder (the script once, the other cases through main in-process)."""
+    import eval as E
+    base = ["--task", "sudoku", "--model", "tiny", "--block-length", "8", "--out", str(tmp_path / "ev")]
+    run = subprocess.run([sys.executable, str(ROOT / "eval.py"), *base, "--gen-lengths", "16", "12"], cwd=ROOT,
+                         timeout=120, capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "--gen-lengths 12 with --block-length 8: each length must" in run.stderr
+    for extra, named in [(["--gen-lengths", "8", "--block-length", "1"], "--gen-lengths 8 with --block-length 1"),
                          (["--batch", "0"], "--batch 0: decode at least 1"),
                          (["--eval-file", str(tmp_path / "absent.csv")], "is not a file"),
                          (["--adapter", str(tmp_path)], "holds no state.pt"),
                          (["--n", "0"], "--n 0: pass a number")]:
-        run = subprocess.run(base + extra, cwd=ROOT, timeout=120, capture_output=True, text=True)
-        assert run.returncode == 2 and named in run.stderr and "Traceback" not in run.stderr, run.stderr
+        with pytest.raises(SystemExit) as exit_:
+            E.main(base + extra)
+        assert exit_.value.code == 2 and named in capsys.readouterr().err, extra
         assert not (tmp_path / "ev").exists()
 
 

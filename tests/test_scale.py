@@ -230,10 +230,13 @@ def test_zero_advantage_groups_fill_in_without_dropping_active_ones(tmp_path, sh
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, shim):
-    """Stopped after step 2 and resumed with --resume: weights and optimizer at step 4 equal an unbroken run."""
-    torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(tmp_path / "full"), script=shim)
-    torchrun(tmp_path, 2, "--max-steps", "2", "--out", str(tmp_path / "cut"), script=shim)
-    torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(tmp_path / "cut"), "--resume", script=shim)
+    """Stopped after step 2 and resumed with --resume: weights and optimizer at step 4 equal an unbroken run. The
+    resumed run loads the checkpoint's weights without rebuilding the (2-step) warm start."""
+    warm = ["--warm-start-steps", "2"]
+    torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(tmp_path / "full"), *warm, script=shim)
+    torchrun(tmp_path, 2, "--max-steps", "2", "--out", str(tmp_path / "cut"), *warm, script=shim)
+    resumed = torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(tmp_path / "cut"), "--resume", *warm, script=shim)
+    assert "warm start" not in resumed
     (full, full_state), (cut, cut_state) = weights(tmp_path / "full", 4), weights(tmp_path / "cut", 4)
     assert max_diff(full, cut) < 1e-6
     exp_avg = lambda s: {k: v["exp_avg"] for k, v in s["optimizer"]["state"].items()}
@@ -278,9 +281,20 @@ def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, shim):
     w1, w2, w3 = (weights(out, s)[0] for s in (1, 2, 3))
     assert max_diff(w1, w2) == 0.0 and max_diff(w2, w3) > 0
     assert json.loads((out / "summary.json").read_text())["nonfinite_steps"] == 1
-    torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(out), "--resume", script=shim, timeout=90)
+    stdout = torchrun(tmp_path, 2, "--max-steps", "4", "--out", str(out), "--resume", "--lr", "1e-5", script=shim,
+                      timeout=90)
     assert [row["nonfinite_steps"] for row in metrics(out)] == [0, 1, 1, 1]      # the count goes on after --resume
     assert json.loads((out / "summary.json").read_text())["nonfinite_steps"] == 1
+    assert "resumed with a changed config: lr 5e-05 -> 1e-05, save_every 1 -> 25\n" in stdout    # as spg_min
+    state = torch.load(out / "ckpt_000004" / "state.pt", weights_only=False)
+    state["model"]["extra.weight"] = torch.zeros(1)                                # a weight this model has not
+    torch.save(state, out / "ckpt_000004" / "state.pt")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           str(REPO / "scale" / "train.py"), *TINY, "--cache-dir", str(tmp_path / "cache"),
+                           "--max-steps", "5", "--out", str(out), "--resume"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "does not fit this model (1 weights it has not, 0 it lacks)" in proc.stderr
+    assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4]                   # refused: nothing trained or cut
 
 
 # ---- the sixth mutation audit's survivors: each test below fails under the bug its comment names
