@@ -1017,11 +1017,15 @@ def cut_metrics(out: Path, step: int) -> list[str]:
 
 def check_fits(saved: dict, model, ckpt: Path) -> None:
     """A checkpoint's weights (name -> tensor) must be exactly the model's trainable ones (the frozen weights are not
-    saved): UsageError naming how many it has not and lacks, else a resume would load part of it silently."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(saved) != trainable:
-        raise T.UsageError(f"{ckpt} does not fit this model ({len(set(saved) - trainable)} weights it has not, "
-                           f"{len(trainable - set(saved))} it lacks): resume with the run's own config")
+    saved), each of the parameter's full shape (an FSDP2 DTensor's .shape is the full one): UsageError naming how
+    many it has not, lacks and has of another shape (another --lora-rank), else a resume would load part of it
+    silently or fail inside load_state_dict."""
+    trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    reshaped = [n for n in set(saved) & set(trainable) if saved[n].shape != trainable[n]]
+    if set(saved) != set(trainable) or reshaped:
+        raise T.UsageError(f"{ckpt} does not fit this model ({len(set(saved) - set(trainable))} weights it has not, "
+                           f"{len(set(trainable) - set(saved))} it lacks, {len(reshaped)} of another shape): resume "
+                           "with the run's own config")
 
 
 def changed_settings(saved: dict, cfg: Config) -> list[str]:

@@ -224,8 +224,9 @@ def main(argv=None):
                M.tiny_model(LLADA_VOCAB, hidden_size=64, num_layers=2, num_heads=4).eval(), big_tok, llada_b)]
     if args.checkpoint:
         shapes.append(("tiny, checkpoint", load_checkpoint(args.checkpoint, len(tok)), tok, tiny_b))
+    timing = f"medians of {reps} interleaved repetitions" if reps > 1 else "one run each (--quick)"
     lines = ["## Decoding throughput (greedy; gen 24, block 8, steps 12; Sudoku prompts, P = 46)", "",
-             f"medians of {reps} interleaved repetitions, {args.threads} thread(s); s and tokens/s: wall clock; "
+             f"{timing}, {args.threads} thread(s); s and tokens/s: wall clock; "
              "forwards/token = decoder calls / gen_length; work/token = rows x positions through the decoder / "
              "(B x L) / gen_length (full forwards of the batch per token); speed-up = plain's median / this median, "
              "in wall-clock and in process CPU time (less sensitive to other jobs on the machine); same = fraction "

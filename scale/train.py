@@ -84,6 +84,8 @@ def save_checkpoint(out, step, model, opt, cfg, rank):
     (eval.py reads it; spg_min's resume does not: the RNG states are per rank, the optimizer state name-keyed)."""
     model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}   # FSDP2 keeps the names
+    model_sd = {n: v for n, v in model_sd.items() if n in trainable}  # a 4-bit base adds its quantisation state
     rng_states = [None] * dist.get_world_size()         # every rank's global RNGs (LoRA dropout): exact --resume
     dist.all_gather_object(rng_states, (torch.get_rng_state(),
                                         torch.cuda.get_rng_state() if torch.cuda.is_available() else None))

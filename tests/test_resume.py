@@ -360,6 +360,10 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, inproc):
     torch.save({**state(out, 1), "model": {"lm_head.weight": torch.zeros(1)}}, out / "ckpt_000005" / "state.pt")
     with pytest.raises(T.UsageError, match="does not fit this model"):
         inproc(out, "--max-steps", "6")
+    saved = state(out, 1)["model"]                                   # every name, one of another shape
+    torch.save({**state(out, 1), "model": {**saved, "lm_head.weight": torch.zeros(1)}}, out / "ckpt_000005" / "state.pt")
+    with pytest.raises(T.UsageError, match=r"\(0 weights it has not, 0 it lacks, 1 of another shape\)"):
+        inproc(out, "--max-steps", "6")
 
 
 def test_a_checkpoint_of_scale_is_refused_with_the_command_that_continues_it(tmp_path, inproc, monkeypatch):

@@ -9,6 +9,7 @@ and, for the NaN test, makes one rank's loss NaN. scale/train.py itself carries 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -89,6 +90,9 @@ def torchrun(tmp_path, nproc, *args, script=None, env=None, timeout=120):
         pytest.fail(f"torchrun hung for {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return stdout
+
+
+FIXTURE = REPO.parent / "shared" / "fixtures" / "llada_tiny"       # LLaDA's file format at toy size
 
 
 @pytest.fixture
@@ -286,14 +290,16 @@ def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, shim):
     assert [row["nonfinite_steps"] for row in metrics(out)] == [0, 1, 1, 1]      # the count goes on after --resume
     assert json.loads((out / "summary.json").read_text())["nonfinite_steps"] == 1
     assert "resumed with a changed config: lr 5e-05 -> 1e-05, save_every 1 -> 25\n" in stdout    # as spg_min
-    state = torch.load(out / "ckpt_000004" / "state.pt", weights_only=False)
+    shutil.rmtree(out / "ckpt_000004")                     # resume auto takes ckpt_000003: a run would cut row 4
+    state = torch.load(out / "ckpt_000003" / "state.pt", weights_only=False)
     state["model"]["extra.weight"] = torch.zeros(1)                                # a weight this model has not
-    torch.save(state, out / "ckpt_000004" / "state.pt")
+    torch.save(state, out / "ckpt_000003" / "state.pt")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                            str(REPO / "scale" / "train.py"), *TINY, "--cache-dir", str(tmp_path / "cache"),
                            "--max-steps", "5", "--out", str(out), "--resume"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0 and "does not fit this model (1 weights it has not, 0 it lacks)" in proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr and "UsageError" not in proc.stderr
+    assert "does not fit this model (1 weights it has not, 0 it lacks, 0 of another shape)" in proc.stderr
     assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4]                   # refused: nothing trained or cut
 
 
@@ -318,3 +324,18 @@ def test_scale_resume_puts_back_each_rank_s_global_rng(tmp_path):               
     for rank in (0, 1):
         full, cut = ((tmp_path / f"{n}_rank{rank}").read_text().split() for n in ("full", "cut"))
         assert len(full) >= 4 and cut == full
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="needs ../shared/fixtures/llada_tiny beside the checkout")
+def test_a_4bit_lora_run_saves_only_the_adapter_and_resumes(tmp_path):
+    """The single-node GPU setting at toy size on 1 CPU rank: the LLaDA-format fixture as a 4-bit NF4 base + LoRA,
+    replicated (--shard ddp, the default for it). get_state_dict also returns the base's quantisation state
+    (absmax, quant_map, ...): the checkpoint keeps only the LoRA weights, as spg_min's, and --resume takes it."""
+    llada = ["--task", "gsm8k", "--model", str(FIXTURE), "--gen-length", "32", "--block-length", "16", "--steps", "4",
+             "--num-prompts", "1", "--group-size", "2", "--eval-n", "2", "--eval-batch", "2", "--lora-rank", "8",
+             "--lora-alpha", "16", "--max-prompt-length", "600", "--out", str(tmp_path / "run")]
+    torchrun(tmp_path, 1, *llada, "--max-steps", "1", timeout=300)
+    state = torch.load(tmp_path / "run" / "ckpt_000001" / "state.pt", weights_only=False)
+    assert state["model"] and all("lora_" in name for name in state["model"])
+    resumed = torchrun(tmp_path, 1, *llada, "--max-steps", "2", "--resume", timeout=300)
+    assert "resumed with a changed config" not in resumed and [row["step"] for row in metrics(tmp_path / "run")] == [1, 2]
