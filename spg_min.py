@@ -1021,11 +1021,11 @@ def check_fits(saved: dict, model, ckpt: Path) -> None:
     many it has not, lacks and has of another shape (another --lora-rank), else a resume would load part of it
     silently or fail inside load_state_dict."""
     trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    reshaped = [n for n in set(saved) & set(trainable) if saved[n].shape != trainable[n]]
-    if set(saved) != set(trainable) or reshaped:
-        raise T.UsageError(f"{ckpt} does not fit this model ({len(set(saved) - set(trainable))} weights it has not, "
-                           f"{len(set(trainable) - set(saved))} it lacks, {len(reshaped)} of another shape): resume "
-                           "with the run's own config")
+    extra, absent = saved.keys() - trainable.keys(), trainable.keys() - saved.keys()
+    reshaped = [n for n in saved.keys() & trainable.keys() if saved[n].shape != trainable[n]]
+    if extra or absent or reshaped:
+        raise T.UsageError(f"{ckpt} does not fit this model ({len(extra)} weights it has not, {len(absent)} it lacks, "
+                           f"{len(reshaped)} of another shape): resume with the run's own config")
 
 
 def changed_settings(saved: dict, cfg: Config) -> list[str]:
